@@ -3,10 +3,10 @@
 # %% auto #0
 __all__ = ['check_ssd_shapes', 'check_ssd_inputs', 'ssd_scan']
 
-# %% ../book/01_ssm.ipynb #c9b93624
+# %% ../book/01_ssm.ipynb #b3a7f378
 import torch
 
-# %% ../book/01_ssm.ipynb #d070bfb9
+# %% ../book/01_ssm.ipynb #c3d69e22
 def check_ssd_shapes(X, A, B, C):
     "Check the shapes of the SSD contract; return `(b, l, h, p, g, n)` or raise a `ValueError` naming the problem."
     for name, t, dims in (("X", X, "(b, l, h, p)"), ("A", A, "(b, l, h)"), ("B", B, "(b, l, g, n)"), ("C", C, "(b, l, g, n)")):
@@ -24,7 +24,7 @@ def check_ssd_shapes(X, A, B, C):
         raise ValueError(f"the number of heads h = {h} (X {tuple(X.shape)}) must be divisible by the number of groups g = {g} (B {tuple(B.shape)})")
     return b, l, h, p, g, n
 
-# %% ../book/01_ssm.ipynb #0be982c8
+# %% ../book/01_ssm.ipynb #d913686f
 def check_ssd_inputs(X, A, B, C, initial_states=None):
     "Check all SSD inputs (shapes, device, dtypes); return `(b, l, h, p, g, n)` or raise a `ValueError`."
     b, l, h, p, g, n = check_ssd_shapes(X, A, B, C)
@@ -41,7 +41,7 @@ def check_ssd_inputs(X, A, B, C, initial_states=None):
         raise ValueError(f"initial_states must be floating point, got {initial_states.dtype}")
     return b, l, h, p, g, n
 
-# %% ../book/01_ssm.ipynb #a84b1d88
+# %% ../book/01_ssm.ipynb #9b9c1163
 def ssd_scan(X, A, B, C, initial_states=None):
     "The SSM recurrence, one token at a time: `H_t = exp(A_t) H_{t-1} + X_t B_t^T`, `Y_t = H_t C_t`."
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
