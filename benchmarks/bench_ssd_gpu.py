@@ -74,6 +74,55 @@ def ssd_proto(X, A, B, C, chunk_size, initial_states=None, pass_states="matmul")
     return Y.reshape(b, c * Qn, h, p)[:, :l], final.reshape(b, h, p, n)
 
 
+def ssd_candidate(X, A, B, C, chunk_size, initial_states=None, f32_operands=False, passing="loop", segsum="diff"):
+    """The candidate for chapter 4: matmul operands in the input dtype, decays and states in float32, a
+    contiguous (b, c, g, r, Q) decay layout, L from differences of the in-chunk cumsum (one full-size
+    allocation, exponentiated in place), group-shared C B^T, B X and C S products. The flags undo one
+    optimisation each, for the ablation: `f32_operands`, `passing="matrix"`, `segsum="masked_cumsum"`."""
+    b, l, h, p = X.shape
+    g, n = B.shape[2:]
+    Qn, pad = chunk_size, -l % chunk_size
+    ft = torch.promote_types(X.dtype, torch.float32)
+    dt = ft if f32_operands else X.dtype
+    c, r = (l + pad) // Qn, h // g
+    X, B, C = (F.pad(t.to(dt), (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
+    X, B, C = X.view(b, c, Qn, g, r, p), B.view(b, c, Qn, g, n), C.view(b, c, Qn, g, n)
+    A = F.pad(A.to(ft), (0, 0, 0, pad)).view(b, c, Qn, g, r).permute(0, 1, 3, 4, 2).contiguous()  # (b, c, g, r, Q)
+    causal = torch.ones(Qn, Qn, dtype=torch.bool, device=X.device).tril()
+    if segsum == "diff":
+        Acs = A @ causal.to(ft).T                                                     # in-chunk cumsum as a matmul
+        L = (Acs[..., :, None] - Acs[..., None, :]).masked_fill_(~causal, -math.inf).exp_()
+    else:
+        Ae = A[..., None].expand(*A.shape, Qn).masked_fill(~causal.tril(-1), 0)
+        L = Ae.cumsum(-2).masked_fill_(~causal, -math.inf).exp_()
+        Acs = A.cumsum(-1)
+    # 1. diagonal blocks
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)                                     # (b, c, g, Q, Q)
+    Y = torch.einsum("bcgrls,bcsgrp->bclgrp", (L * CB[:, :, :, None]).to(dt), X)
+    # 2. chunk states
+    to_end = torch.exp(Acs[..., -1:] - Acs).permute(0, 1, 4, 2, 3)[..., None]       # (b, c, Q, g, r, 1)
+    S = torch.einsum("bclgn,bclgrp->bcgrpn", B, (X * to_end).to(dt)).to(ft)
+    # 3. pass states
+    s = X.new_zeros(b, g, r, p, n, dtype=ft) if initial_states is None else initial_states.to(ft).reshape(b, g, r, p, n)
+    chunk_decay = torch.exp(Acs[..., -1])                                              # (b, c, g, r)
+    if passing == "loop":
+        entering = []
+        for i in range(c):
+            entering.append(s)
+            s = chunk_decay[:, i, :, :, None, None] * s + S[:, i]
+        entering = torch.stack(entering, 1)
+    else:
+        tot = F.pad(Acs[..., -1], (0, 0, 0, 0, 1, 0)).cumsum(1)                      # (b, c+1, g, r)
+        D = torch.exp((tot[:, :, None] - tot[:, None, :]).masked_fill(~torch.ones(c + 1, c + 1, dtype=torch.bool, device=X.device).tril()[..., None, None], -math.inf))
+        new = torch.einsum("bzcgr,bcgrpn->bzgrpn", D, torch.cat([s[:, None], S], 1))
+        entering, s = new[:, :-1], new[:, -1]
+    # 4. states to outputs
+    from_start = torch.exp(Acs).permute(0, 1, 4, 2, 3)[..., None]                    # (b, c, Q, g, r, 1)
+    Yoff = torch.einsum("bclgn,bcgrpn->bclgrp", C, entering.to(dt))
+    Y = torch.addcmul(Y.to(ft), Yoff.to(ft), from_start)
+    return Y.reshape(b, c * Qn, h, p)[:, :l].to(X.dtype if not f32_operands else Y.dtype), s.reshape(b, h, p, n)
+
+
 # ----------------------------------------------------------------------------------------------
 def env_info():
     info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -192,6 +241,10 @@ def main():
     def proto_loop(x, dt, a, B, C):
         return ssd_proto(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, pass_states="loop")
     fns["proto"], fns["proto_loop"] = proto, proto_loop
+    def cand(**kw):
+        return lambda x, dt, a, B, C: ssd_candidate(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw)
+    fns["cand"], fns["cand_f32"] = cand(), cand(f32_operands=True)
+    fns["cand_matrix"], fns["cand_stable"] = cand(passing="matrix"), cand(segsum="masked_cumsum")
     if "hf" in variants:   # transformers' pure-PyTorch SSD (its wrapper may route to mamba_ssm: unwrap it)
         try:
             from transformers.models.mamba2 import modeling_mamba2 as hfm
