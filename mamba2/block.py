@@ -4,7 +4,7 @@
 __all__ = ['SEGMENT_TOKENS', 'check_config', 'Mamba2Config', 'causal_conv', 'discretize', 'RMSNormGated', 'inverse_softplus',
            'init_dt_bias', 'check_block_input', 'Mamba2']
 
-# %% ../book/05_block.ipynb #54abd92a
+# %% ../book/05_block.ipynb #da2461f5
 import math
 from dataclasses import dataclass
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from .chunked import ssd_chunked
 
-# %% ../book/05_block.ipynb #edf3165b
+# %% ../book/05_block.ipynb #242eec13
 def check_config(c):
     "Raise a `ValueError` naming the first field of `Mamba2Config` `c` that is invalid."
     for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "vocab_size", "pad_vocab_size_multiple"):
@@ -33,7 +33,7 @@ def check_config(c):
     if not 0 <= c.dt_limit[0] < c.dt_limit[1]:
         raise ValueError(f"Mamba2Config.dt_limit must satisfy 0 <= low < high, got {c.dt_limit}")
 
-# %% ../book/05_block.ipynb #57795fa9
+# %% ../book/05_block.ipynb #fb3aeceb
 @dataclass
 class Mamba2Config:
     "Sizes and options of a Mamba-2 block and of the language model around it (mamba_ssm's names and defaults)."
@@ -70,7 +70,7 @@ class Mamba2Config:
     @property
     def nheads(self): return self.d_inner // self.headdim
 
-# %% ../book/05_block.ipynb #072bdce5
+# %% ../book/05_block.ipynb #6866100c
 def causal_conv(xBC, weight, bias=None, conv_state=None):
     "Depthwise causal convolution then SiLU of `xBC: (b, l, d)` with `weight: (d, k)`, after the inputs in `conv_state: (b, d, k)` (None: zeros); returns it and the new `conv_state`."
     (b, l, d), k = xBC.shape, weight.shape[-1]
@@ -83,31 +83,33 @@ def causal_conv(xBC, weight, bias=None, conv_state=None):
         out.addcmul_(xpad[:, i:i + l], weight[:, i])
     return F.silu(out), xpad[:, -k:].transpose(1, 2).clone()              # the last k inputs, for what follows
 
-# %% ../book/05_block.ipynb #7ccf97cf
+# %% ../book/05_block.ipynb #ab732ae6
 def discretize(dt, dt_bias, A_log, dt_limit=(0.0, float("inf"))):
-    "Step sizes `softplus(dt + dt_bias)` clamped to `dt_limit`, and log-decays `dt * A` with `A = -exp(A_log)`: both float32 `(..., h)`."
-    dt = F.softplus(dt.float() + dt_bias.float()).clamp(*dt_limit)
-    return dt, dt * -torch.exp(A_log.float())
+    "Step sizes `softplus(dt + dt_bias)` clamped to `dt_limit`, and log-decays `dt * A` with `A = -exp(A_log)`: both `(..., h)`, at least float32."
+    dtype = torch.promote_types(dt.dtype, torch.float32)
+    dt = F.softplus(dt.to(dtype) + dt_bias.to(dtype)).clamp(*dt_limit)
+    return dt, dt * -torch.exp(A_log.to(dtype))
 
-# %% ../book/05_block.ipynb #0abad02e
+# %% ../book/05_block.ipynb #2e913873
 class RMSNormGated(nn.Module):
-    "RMSNorm over groups of `group_size` channels, gated by SiLU(z) after (default) or before normalising; float32 inside."
+    "RMSNorm over groups of `group_size` channels, gated by SiLU(z) after (default) or before normalising; at least float32 inside."
     def __init__(self, d, group_size=None, eps=1e-5, norm_before_gate=False, device=None, dtype=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
         self.group_size, self.eps, self.norm_before_gate = group_size or d, eps, norm_before_gate
 
     def forward(self, x, z=None):
-        dtype, x = x.dtype, x.float()
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
         if z is not None and not self.norm_before_gate:
-            x = x * F.silu(z.float())
+            x = x * F.silu(z.to(x.dtype))
         groups = x.unflatten(-1, (-1, self.group_size))
-        x = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight.float()
+        x = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight.to(x.dtype)
         if z is not None and self.norm_before_gate:
-            x = x * F.silu(z.float())
+            x = x * F.silu(z.to(x.dtype))
         return x.to(dtype)
 
-# %% ../book/05_block.ipynb #b8435960
+# %% ../book/05_block.ipynb #585f07f7
 def inverse_softplus(y):
     "The x with softplus(x) = y > 0, computed stably as y + log(1 - exp(-y))."
     return y + torch.log(-torch.expm1(-y))
@@ -117,7 +119,7 @@ def init_dt_bias(nheads, dt_min, dt_max, dt_init_floor, device=None):
     dt = torch.empty(nheads, device=device).uniform_(math.log(dt_min), math.log(dt_max)).exp()
     return inverse_softplus(dt.clamp(min=dt_init_floor))
 
-# %% ../book/05_block.ipynb #19405d24
+# %% ../book/05_block.ipynb #d938d415
 def check_block_input(u, config):
     "Return `(b, l)` of `u: (b, l, d_model)` or raise a `ValueError` naming the problem."
     if not isinstance(u, torch.Tensor) or not u.is_floating_point() or u.ndim != 3 or u.shape[-1] != config.d_model:
@@ -125,7 +127,7 @@ def check_block_input(u, config):
                          f"got {type(u).__name__} {tuple(getattr(u, 'shape', ()))} {getattr(u, 'dtype', '')}")
     return u.shape[:2]
 
-# %% ../book/05_block.ipynb #fee98fbd
+# %% ../book/05_block.ipynb #e79fc3a1
 SEGMENT_TOKENS = 512
 
 class Mamba2(nn.Module):
@@ -156,7 +158,7 @@ class Mamba2(nn.Module):
         x, B, C = x.unflatten(-1, (c.nheads, c.headdim)), B.unflatten(-1, (c.ngroups, c.d_state)), C.unflatten(-1, (c.ngroups, c.d_state))
         dt, A = discretize(dt, self.dt_bias, self.A_log, c.dt_limit)                 # (b, l, h) each
         Y, final_state = ssd_chunked(x * dt[..., None], A, B, C, c.chunk_size, initial_state)
-        Y = torch.addcmul(Y, x, self.D.float().view(c.nheads, -1))                   # + D x, the skip
+        Y = torch.addcmul(Y, x, self.D.to(Y.dtype).view(c.nheads, -1))                   # + D x, the skip
         return self.out_proj(self.norm(Y.flatten(-2), z).to(u.dtype)), final_state, conv_state
 
     def forward(self, u, initial_states=None, cache=None):
