@@ -210,6 +210,7 @@ def main():
     ap.add_argument("--variants", default="kernel,minimal,chunked,chunked_compiled,proto,proto_compiled")
     ap.add_argument("--out", default="bench_ssd_gpu.json")
     ap.add_argument("--no-ceilings", action="store_true")
+    ap.add_argument("--profile", default="", help="variant to profile (kernel table) at the first shape")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.config.cache_size_limit = 64   # we count recompiles ourselves (below)
@@ -297,6 +298,18 @@ def main():
             torch.cuda.empty_cache()
             res["results"].append(r)
             print(json.dumps(r), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        if args.profile in fns and shape == args.shapes.split(",")[0]:
+            fn = fns[args.profile]
+            fn(x, dt, a, B, C); torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn(x, dt, a, B, C)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+            res["profile"] = {"variant": args.profile, "shape": shape, "calls": 5, "table": table}
+            print(table, flush=True)
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
         del x, dt, a, B, C, Yref, Sref
