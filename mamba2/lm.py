@@ -5,29 +5,23 @@ __all__ = ['MAMBA_SSM_DEFAULTS', 'MAMBA2_DEFAULTS', 'TRANSFORMERS_DEFAULTS', 'RE
            'Mamba2LMHeadModel', 'config_from_mamba_ssm', 'config_from_transformers', 'read_config', 'load_weights',
            'load_state_dict_strict', 'resolve_checkpoint', 'filter_logits', 'sample', 'stream', 'generate', 'main']
 
-# %% ../book/07_lm.ipynb #8fc73dcd
+# %% ../book/07_lm.ipynb #90b38975
 import json, math, re, sys, time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .block import Mamba2, Mamba2Config
+from .block import Mamba2, Mamba2Config, RMSNormGated
 from .step import InferenceCache
 
-# %% ../book/07_lm.ipynb #0e3628e3
-class RMSNorm(nn.Module):
-    "RMSNorm over the last dimension, computed in float32: `x / sqrt(mean(x^2) + eps) * weight`."
-    def __init__(self, d, eps=1e-5, device=None, dtype=None):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(d, device=device, dtype=dtype))
-
+# %% ../book/07_lm.ipynb #0057984f
+class RMSNorm(RMSNormGated):
+    "RMSNorm over the last dimension, in float32, returning the weight's dtype: `x / sqrt(mean(x^2) + eps) * weight`."
     def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(self.weight.dtype)
+        return super().forward(x).to(self.weight.dtype)
 
-# %% ../book/07_lm.ipynb #f5ec5ff7
+# %% ../book/07_lm.ipynb #4696d8e1
 class Block(nn.Module):
     "A pre-norm residual block: `residual + mixer(norm(residual))`."
     def __init__(self, config, layer_idx, device=None, dtype=None):
@@ -41,13 +35,13 @@ class Block(nn.Module):
     def step(self, residual, cache):
         return residual + self.mixer.step(self.norm(residual), cache)
 
-# %% ../book/07_lm.ipynb #b96524d6
+# %% ../book/07_lm.ipynb #d209b970
 def padded_vocab_size(config):
     "Rows of the embedding: `vocab_size` rounded up to a multiple of `pad_vocab_size_multiple`."
     m = config.pad_vocab_size_multiple
     return -(-config.vocab_size // m) * m
 
-# %% ../book/07_lm.ipynb #ede0d4e0
+# %% ../book/07_lm.ipynb #774a7a0e
 class Mamba2LMHeadModel(nn.Module):
     "Embedding, `n_layer` pre-norm Mamba-2 blocks, a final RMSNorm and the LM head (tied to the embedding by default)."
     def __init__(self, config, device=None, dtype=None):
@@ -73,7 +67,7 @@ class Mamba2LMHeadModel(nn.Module):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
 
-# %% ../book/07_lm.ipynb #f9cd8a3a
+# %% ../book/07_lm.ipynb #8d0f5090
 def _embed(self, input_ids):
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be an integer tensor (b, l), got {getattr(input_ids, 'dtype', type(input_ids).__name__)} "
@@ -94,7 +88,7 @@ def forward(self, input_ids, cache=None):
 
 Mamba2LMHeadModel._embed, Mamba2LMHeadModel.hidden_states, Mamba2LMHeadModel.forward = _embed, hidden_states, forward
 
-# %% ../book/07_lm.ipynb #7f9a4ac8
+# %% ../book/07_lm.ipynb #a3d1a97d
 def allocate_cache(self, batch_size):
     "One empty `InferenceCache` per layer, on the model's device and in its dtype."
     w = self.lm_head.weight
@@ -109,7 +103,7 @@ def step(self, token, cache):
 
 Mamba2LMHeadModel.allocate_cache, Mamba2LMHeadModel.step = allocate_cache, step
 
-# %% ../book/07_lm.ipynb #a8f51b83
+# %% ../book/07_lm.ipynb #b4320adf
 # mamba_ssm's defaults: its MambaConfig (the top level of config.json) and its Mamba2 module (`ssm_cfg`)
 MAMBA_SSM_DEFAULTS = dict(d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg={}, attn_layer_idx=[], attn_cfg={},
                           rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)
@@ -117,7 +111,7 @@ MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, c
                        dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, math.inf), learnable_init_states=False,
                        norm_before_gate=False, D_has_hdim=False, bias=False, conv_bias=True)
 
-# %% ../book/07_lm.ipynb #4abbcd4f
+# %% ../book/07_lm.ipynb #e3fb40fe
 def config_from_mamba_ssm(d):
     "A `Mamba2Config` from mamba_ssm's config.json, with mamba_ssm's defaults for what it leaves out."
     d = {**MAMBA_SSM_DEFAULTS, **d}
@@ -125,7 +119,7 @@ def config_from_mamba_ssm(d):
                           ("attn_layer_idx", not d["attn_layer_idx"], "attention layers"),
                           ("rms_norm", d["rms_norm"], "LayerNorm instead of RMSNorm")):
         if not ok:
-            raise ValueError(f"{key} = {d[key]!r}: {what} is not supported (only pure Mamba-2 stacks)")
+            raise ValueError(f"{key} = {d[key]!r} asks for {what}, which is not supported: only pure Mamba-2 stacks are")
     ssm = dict(d["ssm_cfg"])
     if ssm.pop("layer", "Mamba1") != "Mamba2":
         raise ValueError(f"ssm_cfg = {d['ssm_cfg']}: only Mamba-2 layers are supported (a missing 'layer' means Mamba1)")
@@ -140,7 +134,7 @@ def config_from_mamba_ssm(d):
                         pad_vocab_size_multiple=d["pad_vocab_size_multiple"], residual_in_fp32=d["residual_in_fp32"],
                         tie_embeddings=d["tie_embeddings"], **ssm)
 
-# %% ../book/07_lm.ipynb #eba107b2
+# %% ../book/07_lm.ipynb #247eacc2
 TRANSFORMERS_DEFAULTS = dict(hidden_size=4096, num_hidden_layers=64, vocab_size=32768, state_size=128, head_dim=64, num_heads=128,
                              expand=2, conv_kernel=4, n_groups=8, chunk_size=256, use_bias=False, use_conv_bias=True,
                              residual_in_fp32=True, time_step_min=0.001, time_step_max=0.1, time_step_floor=1e-4,
@@ -161,9 +155,9 @@ def config_from_transformers(d):
             raise ValueError(f"{key} = {d[key]!r} is not supported (expected silu, 1e-05, true, and num_heads * head_dim "
                              f"= expand * hidden_size = {d['expand'] * d['hidden_size']})")
     ours = {new: d[old] for old, new in RENAMED.items()}
-    return Mamba2Config(**ours, dt_limit=tuple(ours.pop("dt_limit")), pad_vocab_size_multiple=1)
+    return Mamba2Config(**{**ours, "dt_limit": tuple(ours["dt_limit"])}, pad_vocab_size_multiple=1)
 
-# %% ../book/07_lm.ipynb #03018a70
+# %% ../book/07_lm.ipynb #7d17610f
 def _json_float(obj):  # transformers writes inf as {"__float__": "Infinity"}
     return float(obj["__float__"]) if set(obj) == {"__float__"} else obj
 
@@ -180,7 +174,7 @@ def read_config(path):
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
 
-# %% ../book/07_lm.ipynb #d5615543
+# %% ../book/07_lm.ipynb #43f8fae1
 def load_weights(folder):
     "Every tensor in `folder`'s weight files, as one state dict on the CPU, with mamba_ssm's key names."
     folder, state = Path(folder), {}
@@ -195,7 +189,7 @@ def load_weights(folder):
         raise FileNotFoundError(f"{folder} holds no weights (*.safetensors or pytorch_model.bin)")
     return {k.replace("backbone.embeddings.", "backbone.embedding.", 1): v for k, v in state.items()}
 
-# %% ../book/07_lm.ipynb #1ee57706
+# %% ../book/07_lm.ipynb #88b4fabb
 def load_state_dict_strict(model, state):
     "Load `state` into `model`, or raise a `ValueError` naming every missing, unexpected or misshapen tensor."
     state, expected = dict(state), model.state_dict()
@@ -213,14 +207,14 @@ def load_state_dict_strict(model, state):
             f"{what}: {', '.join(keys)}" for what, keys in problems.items() if keys))
     model.load_state_dict(state)  # copies into the model's device and dtype
 
-# %% ../book/07_lm.ipynb #47bfe9cf
+# %% ../book/07_lm.ipynb #f2e57e58
 def resolve_checkpoint(name_or_path):
     "A local folder with config.json and weights: `name_or_path` itself, or its Hub snapshot (downloaded or cached)."
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
-        raise FileNotFoundError(f"{name_or_path!r} is neither a directory holding config.json and the weights "
+        raise FileNotFoundError(f"{str(name_or_path)!r} is neither a directory holding config.json and the weights "
                                 f"nor a Hugging Face Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
     try:
@@ -234,7 +228,7 @@ def resolve_checkpoint(name_or_path):
             f"or pass a local directory holding config.json and the weights.") from None
     return folder
 
-# %% ../book/07_lm.ipynb #47c64797
+# %% ../book/07_lm.ipynb #2a62754c
 @classmethod
 def from_pretrained(cls, name_or_path, device=None, dtype=None):
     "Load a checkpoint in mamba_ssm's or transformers' format from a local directory or the Hugging Face Hub."
@@ -246,7 +240,7 @@ def from_pretrained(cls, name_or_path, device=None, dtype=None):
 
 Mamba2LMHeadModel.from_pretrained = from_pretrained
 
-# %% ../book/07_lm.ipynb #e225e379
+# %% ../book/07_lm.ipynb #95073b85
 def mamba_ssm_config(config):
     "`config` as mamba_ssm's config.json (a dict), `ssm_cfg` holding only what differs from mamba_ssm's defaults."
     ssm = {k: getattr(config, k) for k, v in MAMBA2_DEFAULTS.items() if getattr(config, k) != v}
@@ -267,7 +261,7 @@ def save_pretrained(self, folder):
 
 Mamba2LMHeadModel.save_pretrained = save_pretrained
 
-# %% ../book/07_lm.ipynb #fe9e8af3
+# %% ../book/07_lm.ipynb #0f9414c0
 def filter_logits(logits, top_k=None, top_p=None):
     "`logits: (..., vocab)` with -inf outside the `top_k` largest and outside the nucleus of probability `top_p`."
     if top_k is not None:
@@ -285,7 +279,7 @@ def filter_logits(logits, top_k=None, top_p=None):
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
     return logits
 
-# %% ../book/07_lm.ipynb #ccc13d2c
+# %% ../book/07_lm.ipynb #25f34398
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     "One token per row of `logits: (b, vocab)`: the argmax when `temperature == 0`, else a draw from the reshaped distribution."
     if temperature < 0:
@@ -295,7 +289,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-# %% ../book/07_lm.ipynb #5021ad93
+# %% ../book/07_lm.ipynb #f9fae47a
 @torch.inference_mode()
 def stream(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, generator=None):
     "Yield the next tokens `(b,)` of `input_ids: (b, l)`, one step at a time, up to `max_new_tokens` steps."
@@ -314,7 +308,7 @@ def stream(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
             return
         logits = model.step(token, cache)
 
-# %% ../book/07_lm.ipynb #79953201
+# %% ../book/07_lm.ipynb #87086eef
 @torch.inference_mode()
 def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
              generator=None, streamer=None):
@@ -328,7 +322,7 @@ def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p
 
 Mamba2LMHeadModel.generate = generate
 
-# %% ../book/07_lm.ipynb #4ced83eb
+# %% ../book/07_lm.ipynb #d60e4367
 NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"  # the tokenizer the state-spaces checkpoints were trained with
 
 def tokenizer_name(model):
@@ -356,7 +350,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int)
     return parser.parse_args(argv)
 
-# %% ../book/07_lm.ipynb #86b868b2
+# %% ../book/07_lm.ipynb #ea697d64
 def main(argv=None):
     "The command line: `python -m mamba2 generate --model NAME_OR_PATH --prompt TEXT [options]`; returns the exit status."
     args = parse_args(argv)
