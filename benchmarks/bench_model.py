@@ -33,6 +33,7 @@ def timer(device):
                 ts.append(s.elapsed_time(e) / 1e3)
             else:
                 t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+        t.last = ts
         return statistics.median(ts)
     return t
 
@@ -90,6 +91,7 @@ def main():
     ap.add_argument("--decode", default="1x64x256", help="(b)x(prompt)x(new tokens)")
     ap.add_argument("--step-positions", default="1024,16384")
     ap.add_argument("--compile", action="store_true", help="also time our block under torch.compile")
+    ap.add_argument("--compile-max-l", type=int, default=4096, help="compile only up to this length (compile time)")
     ap.add_argument("--parts", default="block,lm,decode,step")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-transformers-l", type=int, default=1 << 30,
@@ -119,6 +121,8 @@ def main():
                 u = torch.randn(b, l, args.d_model, device=dev, dtype=dtype, generator=torch.Generator(dev).manual_seed(1))
                 ref = theirs(u) if l <= args.max_transformers_l else None
                 for name, m in variants.items():
+                    if name.endswith("_compiled") and l > args.compile_max_l:
+                        continue
                     r = {"part": "block", "shape": shape, "variant": name}
                     if ref is None and name == "transformers":
                         r["error"] = f"skipped: l > --max-transformers-l {args.max_transformers_l}"
@@ -163,7 +167,7 @@ def main():
                     try:
                         outs[name] = fn()
                         s = t(fn, max(1, args.reps // 2))
-                        r.update(s=s, tokens_per_s=b * new / s)
+                        r.update(s=s, tokens_per_s=b * new / s, min_s=min(t.last))
                     except Exception as e:
                         r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     save(r)
@@ -177,7 +181,7 @@ def main():
                 ours.hidden_states(ids, cache)
                 tok = ids[:, -1]
                 s = t(lambda: ours.step(tok, cache), 3 * args.reps, warmup=3)
-                save({"part": "step", "position": pos, "variant": "mamba2", "s": s})
+                save({"part": "step", "position": pos, "variant": "mamba2", "s": s, "min_s": min(t.last)})
     print(json.dumps(res["results"]))
 
 

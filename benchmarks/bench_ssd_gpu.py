@@ -207,7 +207,8 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x1k,8x4k,2x16k,1x64k")
-    ap.add_argument("--variants", default="kernel,minimal,chunked,chunked_compiled,proto,proto_compiled")
+    ap.add_argument("--variants", default="kernel,minimal,chunked,chunked_compiled",
+                    help="comma-separated; NAME@SHAPE+SHAPE runs NAME at those shapes only")
     ap.add_argument("--out", default="bench_ssd_gpu.json")
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument("--profile", default="", help="variant to profile (kernel table) at the first shape")
@@ -221,7 +222,8 @@ def main():
         print("ceilings", res["ceilings"], flush=True)
 
     fns = {}
-    variants = args.variants.split(",")
+    only = {v.split("@")[0]: v.split("@")[1].split("+") for v in args.variants.split(",") if "@" in v}
+    variants = [v.split("@")[0] for v in args.variants.split(",")]
     if "kernel" in variants:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
         fns["kernel"] = lambda x, dt, a, B, C: mamba_chunk_scan_combined(x, dt, a, B, C, chunk_size=Q, return_final_states=True)
@@ -266,7 +268,7 @@ def main():
         print(f"== {shape}: b={b} l={l}  {fl/1e9:.1f} GFLOP  {by/1e9:.3f} GB", flush=True)
         for v in variants:
             base = v.replace("_compiled", "")
-            if base not in fns:
+            if base not in fns or shape not in only.get(v, [shape]):
                 continue
             r = {"shape": shape, "b": b, "l": l, "variant": v, "gflop": fl / 1e9, "gbytes": by / 1e9}
             try:

@@ -15,6 +15,8 @@ def ssd_gpu(res, ax_t, ax_m):
     floor = {r["shape"]: max(r["gflop"] / ceil["bf16_matmul_TFLOPs"], r["gbytes"] / ceil["copy_TBps"]) for r in res["results"]}
     for v in dict.fromkeys(r["variant"] for r in res["results"]):
         rs = {r["shape"]: r for r in res["results"] if r["variant"] == v and "ms" in r}
+        if len(rs) < 2:        # the ablation's variants, measured at one shape: in the chapter's table instead
+            continue
         xs = [i for i, s in enumerate(shapes) if s in rs]
         ax_t.plot(xs, [rs[shapes[i]]["ms"] for i in xs], "o-", label=v)
         ax_m.plot(xs, [rs[shapes[i]]["peak_mib"] for i in xs], "o-", label=v)

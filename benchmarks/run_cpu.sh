@@ -19,7 +19,7 @@ $PY benchmarks/bench_scaling_cpu.py --lengths 1024,2048,4096,8192,16384 --max-sc
 for b in bench_block_cpu bench_ssd_cpu bench_decode_cpu; do
   [ -f "benchmarks/$b.py" ] && $PY "benchmarks/$b.py" 2>&1 | tee "$OUT/$b.log"
 done
-# decoding against transformers' generate, and our step time against the position (the same weights on both sides)
+# our step time against the position (and decoding against transformers' generate once more, in this process)
 $PY benchmarks/bench_model.py --device cpu --dtype float32 --parts decode,step --decode 1x64x64 \
   --step-positions 1024,16384 --reps 3 --out "$OUT/model_cpu.json" 2>&1 | tee "$OUT/model_cpu.log"
 $PY benchmarks/plot.py "$OUT" 2>&1 | tail -3 || true

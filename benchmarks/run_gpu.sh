@@ -5,8 +5,8 @@
 # SSD kernels (no CUDA build: only its Python and Triton sources are used). Get the source package once with
 #   pip download --no-deps --no-binary :all: --no-build-isolation mamba_ssm -d DIR
 # and point MAMBA_SSM_SDIST at the .tar.gz (default: the first mamba_ssm-*.tar.gz in ./sdist or ../sdist).
-# Writes ssd_gpu.json (SSD: peers and our variants, all shapes), ssd_gpu_ablation.json (one optimisation undone at a
-# time, at (8, 4k)), model_gpu.json (block, LM forward, decoding, step) and their logs; then plots with plot.py.
+# Writes ssd_gpu.json (SSD: the peers and ours at all shapes, the ablation at (8, 4k), the measured ceilings, a
+# kernel profile), model_gpu.json (block, LM forward, decoding, step) and their logs; then plots with plot.py.
 set -uo pipefail
 OUT=${1:-benchmarks/results}
 mkdir -p "$OUT"
@@ -26,14 +26,13 @@ echo "__version__ = \"$VERSION\"  # stub written by run_gpu.sh" > "$MSDIR/mamba_
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu_env.txt"
 
-# 1. SSD against the kernel, at every shape (ssd_chunked as exported, eager and compiled)
-PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" \
-  --shapes 8x1k,8x4k,2x16k,1x64k --variants kernel,minimal,chunked,chunked_compiled 2>&1 | tee "$OUT/ssd_gpu.log"
-# 2. the ablation at (8, 4k): each optimisation undone in turn; transformers' PyTorch SSD; a kernel profile of eager
-PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu_ablation.json" --no-ceilings --shapes 8x4k \
-  --variants kernel,hf,chunked,cand,cand_compiled,cand_f32,cand_f32_compiled,cand_stable,cand_stable_compiled,cand_matrix,cand_matrix_compiled \
-  --profile chunked 2>&1 | tee "$OUT/ssd_gpu_ablation.log"
-# 3. the block, the model, decoding: transformers without mamba_ssm on the path, so it runs its own PyTorch code
+# 1. SSD against the kernel at every shape (ssd_chunked as exported, eager and compiled); at (8, 4k) also
+#    transformers' PyTorch SSD and the ablation (cand_*: one optimisation undone at a time), and a kernel profile
+A=8x4k
+PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" --shapes 8x4k,8x1k,2x16k,1x64k \
+  --variants "kernel,minimal,chunked,chunked_compiled,hf@$A,cand@$A,cand_compiled@$A,cand_f32@$A,cand_f32_compiled@$A,cand_stable@$A,cand_stable_compiled@$A,cand_matrix@$A,cand_matrix_compiled@$A" \
+  --profile chunked 2>&1 | tee "$OUT/ssd_gpu.log"
+# 2. the block, the model, decoding: transformers without mamba_ssm on the path, so it runs its own PyTorch code
 PYTHONPATH="$REPO" python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --compile --out "$OUT/model_gpu.json" \
   2>&1 | tee "$OUT/model_gpu.log"
 rm -rf "$MS"
