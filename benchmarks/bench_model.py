@@ -12,7 +12,7 @@ same numbers. Measured, each in one process and one run:
 transformers must run its own PyTorch path: keep mamba_ssm off the Python path of this process.
 Usage: `python benchmarks/bench_model.py --device cuda --dtype bfloat16 --out results.json`.
 """
-import argparse, json, os, resource, statistics, sys, tempfile, time
+import argparse, importlib, json, os, statistics, sys, tempfile, time
 
 import torch
 
@@ -62,9 +62,8 @@ def rel(a, b):
 
 
 def build(args, device, dtype):
-    "transformers' model and ours with the same random weights."
+    "transformers' model and ours (one per package in --packages) with the same random weights."
     from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM
-    from mamba2 import Mamba2LMHeadModel
     cfg = HFConfig(vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.n_layer, state_size=128,
                    expand=2, head_dim=64, num_heads=2 * args.d_model // 64, n_groups=1, chunk_size=256, conv_kernel=4,
                    use_bias=False, use_conv_bias=True, residual_in_fp32=True, tie_word_embeddings=True,
@@ -73,7 +72,8 @@ def build(args, device, dtype):
     hf = Mamba2ForCausalLM(cfg)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = Mamba2LMHeadModel.from_pretrained(d, device=device, dtype=dtype)
+        ours = {pkg: importlib.import_module(pkg).Mamba2LMHeadModel.from_pretrained(d, device=device, dtype=dtype)
+                for pkg in args.packages.split(",")}
     hf = hf.to(device=device, dtype=dtype).eval()
     hf.generation_config.eos_token_id = None
     return hf, ours
@@ -93,6 +93,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time our block under torch.compile")
     ap.add_argument("--compile-max-l", type=int, default=4096, help="compile only up to this length (compile time)")
     ap.add_argument("--parts", default="block,lm,decode,step")
+    ap.add_argument("--packages", default="mamba2", help="our package(s) to measure, e.g. mamba2,mamba2_next")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-transformers-l", type=int, default=1 << 30,
                     help="skip transformers' block beyond this length (its PyTorch path needs memory ~ l * chunk * heads * state)")
@@ -101,7 +102,9 @@ def main():
     dev, dtype = args.device, getattr(torch, args.dtype)
     t = timer(dev)
     res = {"env": env_info(), "config": vars(args), "results": []}
-    hf, ours = build(args, dev, dtype)
+    hf, ours_all = build(args, dev, dtype)
+    ours = list(ours_all.values())[-1]          # the last package for compile and the step timing
+    res["env"]["packages"] = {pkg: getattr(importlib.import_module(pkg), "__file__", "") for pkg in ours_all}
     parts = args.parts.split(",")
 
     def save(r):
@@ -112,10 +115,10 @@ def main():
 
     with torch.inference_mode():
         if "block" in parts:
-            mine, theirs = ours.backbone.layers[0].mixer, hf.backbone.layers[0].mixer
-            variants = {"mamba2": mine, "transformers": theirs}
+            theirs = hf.backbone.layers[0].mixer
+            variants = {pkg: m.backbone.layers[0].mixer for pkg, m in ours_all.items()} | {"transformers": theirs}
             if args.compile and dev == "cuda":
-                variants["mamba2_compiled"] = torch.compile(mine, dynamic=False)
+                variants[list(ours_all)[-1] + "_compiled"] = torch.compile(ours.backbone.layers[0].mixer, dynamic=False)
             for shape in args.block.split(","):
                 b, l = map(int, shape.split("x"))
                 u = torch.randn(b, l, args.d_model, device=dev, dtype=dtype, generator=torch.Generator(dev).manual_seed(1))
@@ -145,7 +148,8 @@ def main():
                 b, l = map(int, shape.split("x"))
                 ids = torch.randint(0, args.vocab, (b, l), device=dev, generator=torch.Generator(dev).manual_seed(2))
                 ref = hf(ids).logits
-                for name, fn in {"mamba2": lambda: ours(ids), "transformers": lambda: hf(ids).logits}.items():
+                fns = {pkg: (lambda m=m: m(ids)) for pkg, m in ours_all.items()} | {"transformers": lambda: hf(ids).logits}
+                for name, fn in fns.items():
                     r = {"part": "lm", "shape": shape, "variant": name}
                     try:
                         r["rel_err_vs_transformers"] = rel(fn(), ref)
@@ -160,8 +164,8 @@ def main():
                 b, lp, new = map(int, shape.split("x"))
                 ids = torch.randint(0, args.vocab, (b, lp), device=dev, generator=torch.Generator(dev).manual_seed(3))
                 outs = {}
-                gens = {"mamba2": lambda: ours.generate(ids, new, temperature=0),
-                        "transformers": lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)}
+                gens = {pkg: (lambda m=m: m.generate(ids, new, temperature=0)) for pkg, m in ours_all.items()}
+                gens["transformers"] = lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
                 for name, fn in gens.items():
                     r = {"part": "decode", "shape": shape, "variant": name}
                     try:
@@ -171,8 +175,9 @@ def main():
                     except Exception as e:
                         r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     save(r)
-                if len(outs) == 2:
-                    same = (outs["mamba2"][:, lp:] == outs["transformers"][:, lp:]).float().mean().item()
+                mine = [k for k in outs if k != "transformers"]
+                if mine and "transformers" in outs:
+                    same = (outs[mine[-1]][:, lp:] == outs["transformers"][:, lp:]).float().mean().item()
                     save({"part": "decode", "shape": shape, "variant": "agreement", "same_token_fraction": same})
         if "step" in parts:
             for pos in map(int, args.step_positions.split(",")):
@@ -181,7 +186,7 @@ def main():
                 ours.hidden_states(ids, cache)
                 tok = ids[:, -1]
                 s = t(lambda: ours.step(tok, cache), 3 * args.reps, warmup=3)
-                save({"part": "step", "position": pos, "variant": "mamba2", "s": s, "min_s": min(t.last)})
+                save({"part": "step", "position": pos, "variant": list(ours_all)[-1], "s": s, "min_s": min(t.last)})
     print(json.dumps(res["results"]))
 
 

@@ -142,6 +142,11 @@ def env_info():
                                             capture_output=True, text=True, timeout=20).stdout.strip()
         except Exception:
             pass
+    try:
+        info["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+    except Exception:
+        pass
     for mod in ("mamba_ssm", "transformers", "mamba2"):
         try:
             info[mod] = __import__(mod).__version__
@@ -239,6 +244,11 @@ def main():
         fns["chunked"] = chunked
     except ImportError:
         print("mamba2.ssd_chunked not found: skipping", flush=True)
+    try:   # the next version of ssd_chunked, measured before it is committed (a copy of mamba2 named mamba2_next)
+        from mamba2_next import ssd_chunked as next_chunked
+        fns["next"] = lambda x, dt, a, B, C: next_chunked(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)
+    except ImportError:
+        pass
     def proto(x, dt, a, B, C):
         return ssd_proto(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)
     def proto_loop(x, dt, a, B, C):

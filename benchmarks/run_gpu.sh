@@ -27,13 +27,18 @@ echo "__version__ = \"$VERSION\"  # stub written by run_gpu.sh" > "$MSDIR/mamba_
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu_env.txt"
 
 # 1. SSD against the kernel at every shape (ssd_chunked as exported, eager and compiled); at (8, 4k) also
-#    transformers' PyTorch SSD and the ablation (cand_*: one optimisation undone at a time), and a kernel profile
+#    transformers' PyTorch SSD and the ablation (cand_*: one optimisation undone at a time), and a kernel profile.
+#    VARIANTS overrides the list (`next`: a package mamba2_next beside mamba2, a version not yet committed).
 A=8x4k
-PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" --shapes 8x4k,8x1k,2x16k,1x64k \
-  --variants "kernel,minimal,chunked,chunked_compiled,hf@$A,cand@$A,cand_compiled@$A,cand_f32@$A,cand_f32_compiled@$A,cand_stable@$A,cand_stable_compiled@$A,cand_matrix@$A,cand_matrix_compiled@$A" \
-  --profile chunked 2>&1 | tee "$OUT/ssd_gpu.log"
+VARIANTS=${VARIANTS:-"kernel,minimal,chunked,chunked_compiled,hf@$A,cand@$A,cand_compiled@$A,cand_f32@$A,cand_f32_compiled@$A,cand_stable@$A,cand_stable_compiled@$A,cand_matrix@$A,cand_matrix_compiled@$A"}
+if [[ ",${PARTS:-ssd,model}," == *",ssd,"* ]]; then
+  PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" --shapes 8x4k,8x1k,2x16k,1x64k \
+    --variants "$VARIANTS" --profile "${PROFILE:-chunked}" 2>&1 | tee "$OUT/ssd_gpu.log"
+fi
 # 2. the block, the model, decoding: transformers without mamba_ssm on the path, so it runs its own PyTorch code
-PYTHONPATH="$REPO" python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --compile --out "$OUT/model_gpu.json" \
-  2>&1 | tee "$OUT/model_gpu.log"
+if [[ ",${PARTS:-ssd,model}," == *",model,"* ]]; then
+  PYTHONPATH="$REPO" python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --compile --out "$OUT/model_gpu.json" \
+    --packages "${MAMBA2_PACKAGES:-mamba2}" 2>&1 | tee "$OUT/model_gpu.log"
+fi
 rm -rf "$MS"
 python3 benchmarks/plot.py "$OUT" 2>&1 | tail -3 || true
