@@ -3,21 +3,21 @@
 # %% auto #0
 __all__ = ['chunk_inputs', 'pass_states', 'ssd_chunked']
 
-# %% ../book/04_chunked.ipynb #f33ac4f0
+# %% ../book/04_chunked.ipynb #d52bab69
 import torch
 import torch.nn.functional as F
 from .scan import check_ssd_inputs
 from .segsum import segsum
 from .quadratic import split_heads, masked_attention, states_from_inputs, decay_from_start, outputs_from_state
 
-# %% ../book/04_chunked.ipynb #4c69afbb
+# %% ../book/04_chunked.ipynb #423fbc22
 def chunk_inputs(X, A, B, C, chunk_size):
     "Pad the length with zeros to whole chunks (at least one), then split it: `(b, l, ...) -> (b, c, Q, ...)`."
     nc = max(1, -(-X.size(1) // chunk_size))
     pad = nc * chunk_size - X.size(1)
     return [F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)).unflatten(1, (nc, chunk_size)) for t in (X, A, B, C)]
 
-# %% ../book/04_chunked.ipynb #a7037ce8
+# %% ../book/04_chunked.ipynb #bddcafa5
 def pass_states(states, chunk_decay, initial_states):
     "Step 3: `S_{c+1} = chunk_decay_c * S_c + states_c`; returns the states entering each chunk and the final state."
     state, entering = initial_states, []                        # states: (b, c, g, r, p, n), chunk_decay: (b, c, g, r)
@@ -26,7 +26,7 @@ def pass_states(states, chunk_decay, initial_states):
         state = torch.addcmul(states[:, c], chunk_decay[:, c, :, :, None, None], state)
     return torch.stack(entering, 1), state
 
-# %% ../book/04_chunked.ipynb #8600d89d
+# %% ../book/04_chunked.ipynb #27eb861c
 def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     "Chunked SSD: quadratic form within chunks of `chunk_size`, recurrence across them; exact for any length; `(Y, final_state)`."
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
@@ -35,7 +35,7 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     dtype = torch.promote_types(X.dtype, torch.float32)            # decays, exponentials and states in >= float32
     Xc, Ac, B, C = chunk_inputs(X.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), chunk_size)
     Xc, Ac = split_heads(Xc, Ac, g)                                 # (b, c, Q, g, r, p), (b, c, g, r, Q)
-    L = torch.exp(segsum(Ac))                                       # (b, c, g, r, Q, Q)
+    L = segsum(Ac).exp_()                                           # (b, c, g, r, Q, Q), in place: segsum's output is ours
     decay = decay_from_start(L, Ac)                                 # (b, c, g, r, Q)
     s0 = Xc.new_zeros(b, h, p, n) if initial_states is None else initial_states.to(dtype)
     entering, final_state = pass_states(states_from_inputs(L, Xc, B), decay[..., -1], s0.unflatten(1, (g, -1)))
