@@ -70,6 +70,14 @@ def test_mathjax_is_bundled():
     assert len(with_math) >= 3 and all(srcs[p] for p in with_math), f"pages with math but no MathJax: {srcs}"
 
 
+def test_colab_install_cell_is_not_rendered():
+    "Each chapter's first cell (tagged remove-cell) installs the package in Colab; readers of the site never see it."
+    if not SITE.joinpath("index.html").exists():
+        (pytest.fail if REQUIRED else pytest.skip)(f"{SITE.relative_to(ROOT)} does not exist: build the book first")
+    shown = [p for p in pages() if "git+https://github.com/mamba2-book" in SITE.joinpath(p).read_text(encoding="utf-8")]
+    assert not shown, f"pages that show the Colab install cell: {shown}"
+
+
 @pytest.fixture(scope="module")
 def server():
     why = missing()
