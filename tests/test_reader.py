@@ -8,10 +8,22 @@ import json, re
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
-PAGES = CHAPTERS + sorted((ROOT / "book").glob("errata.ipynb"))
+
+
+def toc_files(node):
+    "Every `file:` of _toc.yml, in order."
+    if isinstance(node, dict):
+        return ([node["file"]] if "file" in node else []) + [f for v in node.values() for f in toc_files(v)]
+    return [f for v in node for f in toc_files(v)] if isinstance(node, list) else []
+
+
+# the chapters of the book: those in the table of contents (a draft notebook not yet listed is not one)
+TOC = [ROOT / f"{f}.ipynb" for f in toc_files(yaml.safe_load((ROOT / "_toc.yml").read_text()))]
+CHAPTERS = [nb for nb in TOC if re.fullmatch(r"\d\d_.+\.ipynb", nb.name)]
+PAGES = [nb for nb in TOC if nb.exists()]
 INSTALL = "git+https://github.com/mamba2-book/mamba2-derived"
 DOWNLOADS = re.compile(r"google\.colab|drive\.mount|urlopen|urlretrieve|requests\.get|wget |curl |from_pretrained|hf_hub_download|snapshot_download")
 
