@@ -6,3 +6,4 @@ __version__ = "0.1.0"
 
 from .scan import *  # noqa: F401,F403
 from .segsum import *  # noqa: F401,F403
+from .chunked import *  # noqa: F401,F403
