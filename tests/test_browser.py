@@ -197,6 +197,10 @@ RAW_TEX = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$")
 def test_page(page, server, browser):
     browser.get_log("browser"), browser.get_log("performance")       # start both logs afresh
     browser.get(f"{server}/{page}")
+    if 'http-equiv="Refresh"' in SITE.joinpath(page).read_text(encoding="utf-8"):     # the root's redirect
+        from selenium.webdriver.support.ui import WebDriverWait
+        WebDriverWait(browser, 10).until(lambda d: d.current_url != f"{server}/{page}"
+                                         and d.execute_script("return document.readyState") == "complete")
     seen = browser.execute_async_script(INSPECT)
     assert "error" not in seen, seen
     urls, failed = requests_and_failures(browser)
