@@ -190,7 +190,8 @@ const done = arguments[arguments.length - 1];
   });
 })().catch(e => done({error: String(e)}));
 """
-RAW_TEX = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$")
+# raw TeX in the prose: display or inline delimiters, $...\cmd...$, or a bare \command (as a .bib title can leave)
+RAW_TEX = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$|\\[A-Za-z]{2,}")
 
 
 @pytest.mark.parametrize("page", pages())
