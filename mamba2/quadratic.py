@@ -18,7 +18,7 @@ def split_heads(X, A, g):
 def masked_attention(L, X, B, C):
     "`Y = (L * C B^T) X` per head; `L: (..., g, r, l, l)`, `X: (..., l, g, r, p)`, `B, C: (..., l, g, n)`."
     CB = torch.einsum("...lgn,...sgn->...gls", C, B)             # (..., g, l, s): once per group
-    return torch.einsum("...grls,...sgrp->...lgrp", L * CB.unsqueeze(-3), X)
+    return torch.einsum("...grls,...sgrp->...lgrp", (L * CB.unsqueeze(-3)).to(X.dtype), X)  # product in X's dtype
 
 # %% ../book/03_semiseparable.ipynb #396ec649
 def flush_tiny(decay):
@@ -29,7 +29,7 @@ def flush_tiny(decay):
 def states_from_inputs(L, X, B):
     "State after the last token from a zero start: `sum_i L[-1, i] X_i B_i^T`, `(..., g, r, p, n)`."
     to_end = flush_tiny(L[..., -1, :]).movedim(-1, -3).unsqueeze(-1)   # (..., l, g, r, 1)
-    return torch.einsum("...lgn,...lgrp->...grpn", B, X * to_end)
+    return torch.einsum("...lgn,...lgrp->...grpn", B, (X * to_end).to(B.dtype)).to(L.dtype)  # state in L's dtype
 
 # %% ../book/03_semiseparable.ipynb #dbeb26d9
 def decay_from_start(L, A):
@@ -38,7 +38,7 @@ def decay_from_start(L, A):
 
 def outputs_from_state(C, state, decay):
     "Outputs from a state at the start: `decay_j * state C_j`, `(..., l, g, r, p)`; `state: (..., g, r, p, n)`."
-    Y = torch.einsum("...lgn,...grpn->...lgrp", C, state)
+    Y = torch.einsum("...lgn,...grpn->...lgrp", C, state.to(C.dtype))
     return Y * decay.movedim(-1, -3).unsqueeze(-1)
 
 # %% ../book/03_semiseparable.ipynb #8419f8c5
