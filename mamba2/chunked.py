@@ -45,7 +45,11 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     dtype = torch.promote_types(X.dtype, torch.float32)            # decays, exponentials and states in >= float32
     Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)  # products in X's dtype, decays in float32
     Xc, Ac = split_heads(Xc, Ac, g)                                 # (b, c, Q, g, r, p), (b, c, g, r, Q)
-    L, decay = chunk_decays(Ac.contiguous())                        # (b, c, g, r, Q, Q), (b, c, g, r, Q)
+    if X.dtype in (torch.float16, torch.bfloat16):                  # cheap in-chunk differences: precise enough
+        L, decay = chunk_decays(Ac.contiguous())                    # (b, c, g, r, Q, Q), (b, c, g, r, Q)
+    else:                                                           # chapter 2's stable segment sums
+        L = segsum(Ac).exp_()                                       # in place: segsum's output is ours
+        decay = decay_from_start(L, Ac)
     s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
     entering, final_state = pass_states(states_from_inputs(L, Xc, B), decay[..., -1], s0.unflatten(1, (g, -1)))
     Y = masked_attention(L, Xc, B, C) + outputs_from_state(C, entering, decay)
