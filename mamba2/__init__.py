@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .scan import *  # noqa: F401,F403
 from .segsum import *  # noqa: F401,F403
+from .quadratic import *  # noqa: F401,F403
 from .chunked import *  # noqa: F401,F403
 from .block import *  # noqa: F401,F403
 from .step import *  # noqa: F401,F403
