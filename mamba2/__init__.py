@@ -10,3 +10,4 @@ from .quadratic import *  # noqa: F401,F403
 from .chunked import *  # noqa: F401,F403
 from .block import *  # noqa: F401,F403
 from .step import *  # noqa: F401,F403
+from .lm import *  # noqa: F401,F403

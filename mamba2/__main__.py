@@ -1,0 +1,3 @@
+from mamba2.lm import main
+
+raise SystemExit(main())
