@@ -2,6 +2,8 @@
 
     python benchmarks/bench_block_cpu.py            # writes benchmarks/results/block_cpu.json
     python benchmarks/bench_block_cpu.py --quick    # L = 1024 only, one round (a smoke test)
+    python benchmarks/bench_block_cpu.py --threads 2
+
 
 A mamba2-130m-shaped layer (d_model 768, expand 2, 24 heads of 64, d_state 128, ngroups 1,
 chunk_size 256), float32, batch 1, sequence lengths 1k, 4k and 16k, inference (`torch.no_grad`).
@@ -16,7 +18,9 @@ hide or inflate another's:
 - time: after that first (warm-up) pass, the median of `repeats` timed passes.
 For each length the two implementations alternate, `rounds` processes each, so a change of load on
 the machine hits both; the reported time is the median over all their timed passes, the reported
-memory the largest growth seen.
+memory the largest growth seen. Both run with the same number of torch threads (`--threads`,
+default 1: on a small machine shared with other jobs, a single thread per process gives the most
+repeatable timings; with more threads than free cores, both implementations slow down erratically).
 """
 import argparse, datetime, json, os, platform, resource, statistics, subprocess, sys, time
 from pathlib import Path
@@ -29,9 +33,10 @@ def rss_bytes():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(impl, L, repeats):
+def worker(impl, L, repeats, threads):
     "Build one block, measure one length, print a JSON line."
     import torch
+    torch.set_num_threads(threads)
     from transformers import Mamba2Config as HFConfig
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
     import transformers.utils.logging as hf_logging
@@ -70,35 +75,35 @@ def worker(impl, L, repeats):
                           checksum=checksum, threads=torch.get_num_threads())))
 
 
-def run_case(impl, L, repeats):
-    out = subprocess.run([sys.executable, __file__, "--worker", impl, str(L), str(repeats)],
+def run_case(impl, L, repeats, threads):
+    out = subprocess.run([sys.executable, __file__, "--worker", impl, str(L), str(repeats), str(threads)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def environment():
+def environment(threads):
     import torch, transformers
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     mem = next((int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), None)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                cpu=cpu, cpu_count=os.cpu_count(), memory_bytes=mem, torch_threads=torch.get_num_threads(),
+                cpu=cpu, cpu_count=os.cpu_count(), memory_bytes=mem, torch_threads=threads,
                 python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 platform=platform.platform(), git_commit=commit, load_average_at_start=os.getloadavg())
 
 
-def main(quick=False):
+def main(quick=False, threads=1):
     lengths, rounds = ([1024], 1) if quick else ([1024, 4096, 16384], 2)
     result = dict(benchmark=__doc__.split("\n")[0], shape=SHAPE, dtype="float32", batch=1, mode="torch.no_grad",
                   method="fresh process per case; time: median of timed passes after one warm-up pass; "
                          "memory: peak RSS (ru_maxrss) minus RSS before the first pass, max over processes",
-                  environment=environment(), cases=[])
+                  environment=environment(threads), cases=[])
     for L in lengths:
         repeats = 3 if L > 8192 else 5
         runs = {"mamba2": [], "transformers": []}
         for _ in range(rounds):
             for impl in runs:                            # alternate the two, round after round
-                runs[impl].append(run_case(impl, L, repeats))
+                runs[impl].append(run_case(impl, L, repeats, threads))
         summary = {}
         for impl, rs in runs.items():
             summary[impl] = dict(time_s=statistics.median(t for r in rs for t in r["times_s"]),
@@ -124,8 +129,10 @@ def main(quick=False):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--quick", action="store_true")
-        main(ap.parse_args().quick)
+        ap.add_argument("--threads", type=int, default=1)
+        args = ap.parse_args()
+        main(args.quick, args.threads)

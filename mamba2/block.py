@@ -4,7 +4,7 @@
 __all__ = ['SEGMENT_TOKENS', 'check_config', 'Mamba2Config', 'causal_conv', 'discretize', 'RMSNormGated', 'inverse_softplus',
            'init_dt_bias', 'check_block_input', 'Mamba2']
 
-# %% ../book/05_block.ipynb #f4d22ad4
+# %% ../book/05_block.ipynb #7e053670
 import math
 from dataclasses import dataclass
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from .chunked import ssd_chunked
 
-# %% ../book/05_block.ipynb #4bb820e3
+# %% ../book/05_block.ipynb #79498148
 def check_config(c):
     "Raise a `ValueError` naming the first field of `Mamba2Config` `c` that is invalid."
     for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "vocab_size", "pad_vocab_size_multiple"):
@@ -33,7 +33,7 @@ def check_config(c):
     if not 0 <= c.dt_limit[0] < c.dt_limit[1]:
         raise ValueError(f"Mamba2Config.dt_limit must satisfy 0 <= low < high, got {c.dt_limit}")
 
-# %% ../book/05_block.ipynb #f62d5792
+# %% ../book/05_block.ipynb #542f3864
 @dataclass
 class Mamba2Config:
     "Sizes and options of a Mamba-2 block and of the language model around it (mamba_ssm's names and defaults)."
@@ -70,7 +70,7 @@ class Mamba2Config:
     @property
     def nheads(self): return self.d_inner // self.headdim
 
-# %% ../book/05_block.ipynb #0b1bd353
+# %% ../book/05_block.ipynb #c86db63a
 def causal_conv(xBC, weight, bias=None, conv_state=None):
     "Depthwise causal convolution then SiLU of `xBC: (b, l, d)` with `weight: (d, k)`, after the inputs in `conv_state: (b, d, k)` (None: zeros); returns it and the new `conv_state`."
     (b, l, d), k = xBC.shape, weight.shape[-1]
@@ -83,14 +83,14 @@ def causal_conv(xBC, weight, bias=None, conv_state=None):
         out.addcmul_(xpad[:, i:i + l], weight[:, i])
     return F.silu(out), xpad[:, -k:].transpose(1, 2).clone()              # the last k inputs, for what follows
 
-# %% ../book/05_block.ipynb #ad62d829
+# %% ../book/05_block.ipynb #eaaf0581
 def discretize(dt, dt_bias, A_log, dt_limit=(0.0, float("inf"))):
     "Step sizes `softplus(dt + dt_bias)` clamped to `dt_limit`, and log-decays `dt * A` with `A = -exp(A_log)`: both `(..., h)`, at least float32."
     dtype = torch.promote_types(dt.dtype, torch.float32)
     dt = F.softplus(dt.to(dtype) + dt_bias.to(dtype)).clamp(*dt_limit)
     return dt, dt * -torch.exp(A_log.to(dtype))
 
-# %% ../book/05_block.ipynb #ee04ca0e
+# %% ../book/05_block.ipynb #6f6710db
 class RMSNormGated(nn.Module):
     "RMSNorm over groups of `group_size` channels, gated by SiLU(z) after (default) or before normalising; at least float32 inside."
     def __init__(self, d, group_size=None, eps=1e-5, norm_before_gate=False, device=None, dtype=None):
@@ -109,7 +109,7 @@ class RMSNormGated(nn.Module):
             x = x * F.silu(z.to(x.dtype))
         return x.to(dtype)
 
-# %% ../book/05_block.ipynb #2f78db88
+# %% ../book/05_block.ipynb #7078b565
 def inverse_softplus(y):
     "The x with softplus(x) = y > 0, computed stably as y + log(1 - exp(-y))."
     return y + torch.log(-torch.expm1(-y))
@@ -119,7 +119,7 @@ def init_dt_bias(nheads, dt_min, dt_max, dt_init_floor, device=None):
     dt = torch.empty(nheads, device=device).uniform_(math.log(dt_min), math.log(dt_max)).exp()
     return inverse_softplus(dt.clamp(min=dt_init_floor))
 
-# %% ../book/05_block.ipynb #7de4e22e
+# %% ../book/05_block.ipynb #43ddd0ef
 def check_block_input(u, config):
     "Return `(b, l)` of `u: (b, l, d_model)` or raise a `ValueError` naming the problem."
     if not isinstance(u, torch.Tensor) or not u.is_floating_point() or u.ndim != 3 or u.shape[-1] != config.d_model:
@@ -127,7 +127,7 @@ def check_block_input(u, config):
                          f"got {type(u).__name__} {tuple(getattr(u, 'shape', ()))} {getattr(u, 'dtype', '')}")
     return u.shape[:2]
 
-# %% ../book/05_block.ipynb #400983c4
+# %% ../book/05_block.ipynb #04981f42
 SEGMENT_TOKENS = 512
 
 class Mamba2(nn.Module):
@@ -170,7 +170,7 @@ class Mamba2(nn.Module):
             y, state, conv_state = self.mix(part, state, conv_state)
             ys.append(y)
         if cache is not None:
-            cache.conv_state.copy_(conv_state), cache.ssm_state.copy_(state.detach())
+            cache.conv_state.copy_(conv_state.detach()), cache.ssm_state.copy_(state.detach())   # a cache holds values, not a graph
         return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
 
     def start_state(self, batch, initial_states=None, cache=None):
@@ -178,7 +178,7 @@ class Mamba2(nn.Module):
         if cache is not None and initial_states is not None:
             raise ValueError("pass initial_states or a cache, not both: the cache already holds the state to start from")
         if cache is not None:
-            return cache.ssm_state
+            return cache.ssm_state.clone()   # a copy: the cache is overwritten at the end, autograd may need this
         if initial_states is None and self.config.learnable_init_states:
             return self.init_states.expand(batch, -1, -1, -1)
         return initial_states

@@ -5,7 +5,7 @@ __all__ = ['MAMBA_SSM_DEFAULTS', 'MAMBA2_DEFAULTS', 'TRANSFORMERS_DEFAULTS', 'RE
            'Mamba2LMHeadModel', 'config_from_mamba_ssm', 'config_from_transformers', 'read_config', 'load_weights',
            'load_state_dict_strict', 'resolve_checkpoint', 'filter_logits', 'sample', 'stream', 'generate', 'main']
 
-# %% ../book/07_lm.ipynb #90b38975
+# %% ../book/07_lm.ipynb #c5cc4989
 import json, math, re, sys, time
 from pathlib import Path
 
@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 from .block import Mamba2, Mamba2Config, RMSNormGated
-from .step import InferenceCache
+import mamba2.step  # chapter 6: adds Mamba2.step and Mamba2.allocate_cache
 
-# %% ../book/07_lm.ipynb #0057984f
+# %% ../book/07_lm.ipynb #913a51c3
 class RMSNorm(RMSNormGated):
     "RMSNorm over the last dimension, in float32, returning the weight's dtype: `x / sqrt(mean(x^2) + eps) * weight`."
     def forward(self, x):
         return super().forward(x).to(self.weight.dtype)
 
-# %% ../book/07_lm.ipynb #4696d8e1
+# %% ../book/07_lm.ipynb #22c622aa
 class Block(nn.Module):
     "A pre-norm residual block: `residual + mixer(norm(residual))`."
     def __init__(self, config, layer_idx, device=None, dtype=None):
@@ -35,13 +35,13 @@ class Block(nn.Module):
     def step(self, residual, cache):
         return residual + self.mixer.step(self.norm(residual), cache)
 
-# %% ../book/07_lm.ipynb #d209b970
+# %% ../book/07_lm.ipynb #f7ebb0d8
 def padded_vocab_size(config):
     "Rows of the embedding: `vocab_size` rounded up to a multiple of `pad_vocab_size_multiple`."
     m = config.pad_vocab_size_multiple
     return -(-config.vocab_size // m) * m
 
-# %% ../book/07_lm.ipynb #774a7a0e
+# %% ../book/07_lm.ipynb #11b4bd56
 class Mamba2LMHeadModel(nn.Module):
     "Embedding, `n_layer` pre-norm Mamba-2 blocks, a final RMSNorm and the LM head (tied to the embedding by default)."
     def __init__(self, config, device=None, dtype=None):
@@ -67,7 +67,7 @@ class Mamba2LMHeadModel(nn.Module):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
 
-# %% ../book/07_lm.ipynb #8d0f5090
+# %% ../book/07_lm.ipynb #c58d76f6
 def _embed(self, input_ids):
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be an integer tensor (b, l), got {getattr(input_ids, 'dtype', type(input_ids).__name__)} "
@@ -88,11 +88,10 @@ def forward(self, input_ids, cache=None):
 
 Mamba2LMHeadModel._embed, Mamba2LMHeadModel.hidden_states, Mamba2LMHeadModel.forward = _embed, hidden_states, forward
 
-# %% ../book/07_lm.ipynb #a3d1a97d
+# %% ../book/07_lm.ipynb #f72a792e
 def allocate_cache(self, batch_size):
-    "One empty `InferenceCache` per layer, on the model's device and in its dtype."
-    w = self.lm_head.weight
-    return [InferenceCache.alloc(batch_size, self.config, device=w.device, dtype=w.dtype) for _ in self.backbone.layers]
+    "One `InferenceCache` per layer (chapter 6), holding the state before any token."
+    return [layer.mixer.allocate_cache(batch_size) for layer in self.backbone.layers]
 
 def step(self, token, cache):
     "Logits `(b, vocab)` for one new token per sequence, `token: (b,)`; updates `cache` in place."
@@ -103,7 +102,7 @@ def step(self, token, cache):
 
 Mamba2LMHeadModel.allocate_cache, Mamba2LMHeadModel.step = allocate_cache, step
 
-# %% ../book/07_lm.ipynb #b4320adf
+# %% ../book/07_lm.ipynb #ad8d88bd
 # mamba_ssm's defaults: its MambaConfig (the top level of config.json) and its Mamba2 module (`ssm_cfg`)
 MAMBA_SSM_DEFAULTS = dict(d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg={}, attn_layer_idx=[], attn_cfg={},
                           rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)
@@ -111,7 +110,7 @@ MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, c
                        dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, math.inf), learnable_init_states=False,
                        norm_before_gate=False, D_has_hdim=False, bias=False, conv_bias=True)
 
-# %% ../book/07_lm.ipynb #e3fb40fe
+# %% ../book/07_lm.ipynb #a54459ed
 def config_from_mamba_ssm(d):
     "A `Mamba2Config` from mamba_ssm's config.json, with mamba_ssm's defaults for what it leaves out."
     d = {**MAMBA_SSM_DEFAULTS, **d}
@@ -134,7 +133,7 @@ def config_from_mamba_ssm(d):
                         pad_vocab_size_multiple=d["pad_vocab_size_multiple"], residual_in_fp32=d["residual_in_fp32"],
                         tie_embeddings=d["tie_embeddings"], **ssm)
 
-# %% ../book/07_lm.ipynb #247eacc2
+# %% ../book/07_lm.ipynb #b2d80ba7
 TRANSFORMERS_DEFAULTS = dict(hidden_size=4096, num_hidden_layers=64, vocab_size=32768, state_size=128, head_dim=64, num_heads=128,
                              expand=2, conv_kernel=4, n_groups=8, chunk_size=256, use_bias=False, use_conv_bias=True,
                              residual_in_fp32=True, time_step_min=0.001, time_step_max=0.1, time_step_floor=1e-4,
@@ -157,7 +156,7 @@ def config_from_transformers(d):
     ours = {new: d[old] for old, new in RENAMED.items()}
     return Mamba2Config(**{**ours, "dt_limit": tuple(ours["dt_limit"])}, pad_vocab_size_multiple=1)
 
-# %% ../book/07_lm.ipynb #7d17610f
+# %% ../book/07_lm.ipynb #871acf8c
 def _json_float(obj):  # transformers writes inf as {"__float__": "Infinity"}
     return float(obj["__float__"]) if set(obj) == {"__float__"} else obj
 
@@ -174,7 +173,7 @@ def read_config(path):
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
 
-# %% ../book/07_lm.ipynb #43f8fae1
+# %% ../book/07_lm.ipynb #2cc2300a
 def load_weights(folder):
     "Every tensor in `folder`'s weight files, as one state dict on the CPU, with mamba_ssm's key names."
     folder, state = Path(folder), {}
@@ -189,7 +188,7 @@ def load_weights(folder):
         raise FileNotFoundError(f"{folder} holds no weights (*.safetensors or pytorch_model.bin)")
     return {k.replace("backbone.embeddings.", "backbone.embedding.", 1): v for k, v in state.items()}
 
-# %% ../book/07_lm.ipynb #88b4fabb
+# %% ../book/07_lm.ipynb #828dae2a
 def load_state_dict_strict(model, state):
     "Load `state` into `model`, or raise a `ValueError` naming every missing, unexpected or misshapen tensor."
     state, expected = dict(state), model.state_dict()
@@ -207,8 +206,8 @@ def load_state_dict_strict(model, state):
             f"{what}: {', '.join(keys)}" for what, keys in problems.items() if keys))
     model.load_state_dict(state)  # copies into the model's device and dtype
 
-# %% ../book/07_lm.ipynb #f2e57e58
-def resolve_checkpoint(name_or_path):
+# %% ../book/07_lm.ipynb #432ab9e6
+def resolve_checkpoint(name_or_path, local_files_only=False):
     "A local folder with config.json and weights: `name_or_path` itself, or its Hub snapshot (downloaded or cached)."
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -218,9 +217,11 @@ def resolve_checkpoint(name_or_path):
                                 f"nor a Hugging Face Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
     try:
-        folder = Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", "*.safetensors"]))
+        get = lambda *patterns: Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", *patterns],
+                                                       local_files_only=local_files_only))
+        folder = get("*.safetensors")
         if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", "pytorch_model*.bin"]))
+            folder = get("pytorch_model*.bin")
     except Exception as e:  # offline and not cached, no such repo, no access, ...
         raise FileNotFoundError(
             f"could not get {name_or_path!r} from the Hugging Face Hub or its local cache ({type(e).__name__}: "
@@ -228,11 +229,11 @@ def resolve_checkpoint(name_or_path):
             f"or pass a local directory holding config.json and the weights.") from None
     return folder
 
-# %% ../book/07_lm.ipynb #2a62754c
+# %% ../book/07_lm.ipynb #f9e826c7
 @classmethod
-def from_pretrained(cls, name_or_path, device=None, dtype=None):
+def from_pretrained(cls, name_or_path, device=None, dtype=None, local_files_only=False):
     "Load a checkpoint in mamba_ssm's or transformers' format from a local directory or the Hugging Face Hub."
-    folder = resolve_checkpoint(name_or_path)
+    folder = resolve_checkpoint(name_or_path, local_files_only)
     config = read_config(folder / "config.json")
     model = cls(config, device=device, dtype=dtype)
     load_state_dict_strict(model, load_weights(folder))
@@ -240,7 +241,7 @@ def from_pretrained(cls, name_or_path, device=None, dtype=None):
 
 Mamba2LMHeadModel.from_pretrained = from_pretrained
 
-# %% ../book/07_lm.ipynb #95073b85
+# %% ../book/07_lm.ipynb #8cfcebb9
 def mamba_ssm_config(config):
     "`config` as mamba_ssm's config.json (a dict), `ssm_cfg` holding only what differs from mamba_ssm's defaults."
     ssm = {k: getattr(config, k) for k, v in MAMBA2_DEFAULTS.items() if getattr(config, k) != v}
@@ -261,7 +262,7 @@ def save_pretrained(self, folder):
 
 Mamba2LMHeadModel.save_pretrained = save_pretrained
 
-# %% ../book/07_lm.ipynb #0f9414c0
+# %% ../book/07_lm.ipynb #d45a2f18
 def filter_logits(logits, top_k=None, top_p=None):
     "`logits: (..., vocab)` with -inf outside the `top_k` largest and outside the nucleus of probability `top_p`."
     if top_k is not None:
@@ -279,7 +280,7 @@ def filter_logits(logits, top_k=None, top_p=None):
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
     return logits
 
-# %% ../book/07_lm.ipynb #25f34398
+# %% ../book/07_lm.ipynb #00a6aaec
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     "One token per row of `logits: (b, vocab)`: the argmax when `temperature == 0`, else a draw from the reshaped distribution."
     if temperature < 0:
@@ -289,7 +290,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-# %% ../book/07_lm.ipynb #f9fae47a
+# %% ../book/07_lm.ipynb #adca58a9
 @torch.inference_mode()
 def stream(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, generator=None):
     "Yield the next tokens `(b,)` of `input_ids: (b, l)`, one step at a time, up to `max_new_tokens` steps."
@@ -308,7 +309,7 @@ def stream(model, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=
             return
         logits = model.step(token, cache)
 
-# %% ../book/07_lm.ipynb #87086eef
+# %% ../book/07_lm.ipynb #9b82eb5b
 @torch.inference_mode()
 def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
              generator=None, streamer=None):
@@ -322,7 +323,7 @@ def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p
 
 Mamba2LMHeadModel.generate = generate
 
-# %% ../book/07_lm.ipynb #d60e4367
+# %% ../book/07_lm.ipynb #1b664452
 NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"  # the tokenizer the state-spaces checkpoints were trained with
 
 def tokenizer_name(model):
@@ -350,7 +351,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int)
     return parser.parse_args(argv)
 
-# %% ../book/07_lm.ipynb #ea697d64
+# %% ../book/07_lm.ipynb #96041a63
 def main(argv=None):
     "The command line: `python -m mamba2 generate --model NAME_OR_PATH --prompt TEXT [options]`; returns the exit status."
     args = parse_args(argv)

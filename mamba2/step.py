@@ -3,13 +3,13 @@
 # %% auto #0
 __all__ = ['InferenceCache', 'check_step_input']
 
-# %% ../book/06_step.ipynb #35774bfe
+# %% ../book/06_step.ipynb #6c3fffc7
 from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 from .block import Mamba2, discretize
 
-# %% ../book/06_step.ipynb #8f244f34
+# %% ../book/06_step.ipynb #c40e0df6
 @dataclass
 class InferenceCache:
     "A Mamba-2 block's memory between tokens: its convolution's last inputs and its SSM state."
@@ -25,7 +25,7 @@ class InferenceCache:
                    torch.zeros(batch_size, config.nheads, config.headdim, config.d_state, device=device,
                                dtype=torch.promote_types(dtype, torch.float32)))
 
-# %% ../book/06_step.ipynb #cab019db
+# %% ../book/06_step.ipynb #67c49778
 def check_step_input(u, cache, block):
     "Raise a `ValueError` unless `u: (b, 1, d_model)` and `cache` fit `block`."
     b, c = u.shape[0] if u.ndim else 0, block.config
@@ -36,22 +36,25 @@ def check_step_input(u, cache, block):
         if tuple(getattr(cache, name).shape) != shape:
             raise ValueError(f"cache.{name} must have shape {shape} for this block and batch, got {tuple(getattr(cache, name).shape)}")
 
-# %% ../book/06_step.ipynb #e6cf7e97
+# %% ../book/06_step.ipynb #f7ec7a30
 def _step(self, u, cache):
     "Advance one token, `u: (b, 1, d_model) -> y: (b, 1, d_model)`, updating `cache` in place: constant time and memory."
     check_step_input(u, cache, self)
     c, b = self.config, u.shape[0]
     z, xBC, dt = self.in_proj(u[:, 0]).split([c.d_inner, self.conv_dim, c.nheads], dim=-1)
-    cache.conv_state.copy_(torch.cat([cache.conv_state[..., 1:], xBC[..., None].to(cache.conv_state.dtype)], dim=-1))
-    dtype = torch.promote_types(xBC.dtype, torch.float32)
-    xBC = (cache.conv_state.to(dtype) * self.conv1d.weight[:, 0].to(dtype)).sum(-1)      # (b, conv_dim)
+    dtype = cache.ssm_state.dtype                                                        # float32 (float64 for float64)
+    window = torch.cat([cache.conv_state[..., 1:].to(dtype), xBC[..., None].to(dtype)], dim=-1)   # slide by one token
+    xBC = (window * self.conv1d.weight[:, 0].to(dtype)).sum(-1)                          # (b, conv_dim)
     xBC = F.silu(xBC if self.conv1d.bias is None else xBC + self.conv1d.bias.to(dtype))
     x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
     x, B, C = x.view(b, c.ngroups, -1, c.headdim), B.view(b, c.ngroups, c.d_state), C.view(b, c.ngroups, c.d_state)
     dt, A = (t.view(b, c.ngroups, -1) for t in discretize(dt, self.dt_bias, self.A_log, c.dt_limit))  # (b, g, h/g)
-    state = cache.ssm_state.view(b, c.ngroups, -1, c.headdim, c.d_state)                 # a view: updated in place
-    state.mul_(A.exp()[..., None, None]).add_(torch.einsum("bgrp,bgn->bgrpn", (x * dt[..., None]).to(state.dtype), B.to(state.dtype)))
-    y = torch.einsum("bgrpn,bgn->bgrp", state, C.to(state.dtype)).to(x.dtype) + x * self.D.to(x.dtype).view(c.ngroups, -1, c.headdim if c.D_has_hdim else 1)
+    state = cache.ssm_state.view(b, c.ngroups, -1, c.headdim, c.d_state)                 # heads of a group share B, C
+    if torch.is_grad_enabled():
+        state = state.clone()                # autograd keeps it for backward, and the cache is overwritten below
+    state = state * A.exp()[..., None, None] + torch.einsum("bgrp,bgn->bgrpn", x * dt[..., None], B)
+    y = torch.einsum("bgrpn,bgn->bgrp", state, C) + x * self.D.to(dtype).view(c.ngroups, -1, c.headdim if c.D_has_hdim else 1)
+    cache.conv_state.copy_(window.detach()), cache.ssm_state.copy_(state.detach().flatten(1, 2))   # in place, no graph
     return self.out_proj(self.norm(y.flatten(1), z).to(u.dtype))[:, None]
 
 def _allocate_cache(self, batch_size):

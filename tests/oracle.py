@@ -5,6 +5,8 @@ the package's einsums or group handling cannot hide in the oracle too.
 """
 import torch
 
+from mamba2.scan import random_ssd_inputs as random_inputs, rel_err  # noqa: F401  (inputs, not the oracle)
+
 
 def naive_ssd(X, A, B, C, initial_states=None):
     "Per-token, per-head float64 recurrence. Shapes as in the SSD contract; returns (Y, final_state)."
@@ -21,18 +23,3 @@ def naive_ssd(X, A, B, C, initial_states=None):
     return Y, state
 
 
-def random_inputs(b=2, l=37, h=4, p=8, g=2, n=16, dtype=torch.float64, seed=0, initial_states=False):
-    "Random SSD inputs with Mamba-2-like decays: dt = softplus(randn - 4), A = -U(1, 16)."
-    gen = torch.Generator().manual_seed(seed)
-    dt = torch.nn.functional.softplus(torch.randn(b, l, h, generator=gen, dtype=torch.float64) - 4)
-    a = -torch.empty(h, dtype=torch.float64).uniform_(1, 16, generator=gen)
-    X = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64) * dt[..., None]
-    B, C = (torch.randn(b, l, g, n, generator=gen, dtype=torch.float64) for _ in range(2))
-    s0 = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64) if initial_states else None
-    cast = lambda t: None if t is None else t.to(dtype)
-    return cast(X), cast(dt * a), cast(B), cast(C), cast(s0)
-
-
-def rel_err(a, b):
-    "Max-norm error of `a` relative to the size of reference `b`."
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()

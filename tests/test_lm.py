@@ -218,6 +218,13 @@ def test_missing_path_is_a_clear_error(tmp_path):
         Mamba2LMHeadModel.from_pretrained(tmp_path / "empty")
 
 
+def test_hub_id_local_files_only_and_uncached(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nobody/no-such-model.*Hugging Face Hub"):
+        Mamba2LMHeadModel.from_pretrained("nobody/no-such-model", local_files_only=True)
+
+
 def test_cli_missing_model_exits_nonzero(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "Hi"]) == 1
     err = capsys.readouterr().err

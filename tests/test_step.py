@@ -119,3 +119,18 @@ def test_step_bad_input_raises():
         block.step(torch.randn(2, 1, cfg.d_model), InferenceCache(cache.conv_state, torch.zeros(2, 8, 8, 4)))
     with pytest.raises(ValueError, match="cache.conv_state"):
         block.step(torch.randn(3, 1, cfg.d_model), cache)
+
+
+def test_cache_holds_values_not_graphs_under_autograd():
+    cfg = Mamba2Config(**SMALL, ngroups=2)
+    block = Mamba2(cfg)
+    u = torch.randn(2, 9, cfg.d_model, requires_grad=True)
+    cache = fresh(block, 2)
+    ys = [block(u[:, :6], cache=cache)] + [block.step(u[:, t:t + 1], cache) for t in range(6, 9)]
+    assert not cache.conv_state.requires_grad and not cache.ssm_state.requires_grad
+    torch.cat(ys, 1).sum().backward()                                   # gradients flow through every call
+    assert u.grad[:, -1].abs().sum() > 0 and block.in_proj.weight.grad is not None
+    grad_steps = u.grad.clone()
+    u.grad = None
+    block(u).sum().backward()                                           # the last token's input reaches only the last
+    assert rel_err(grad_steps[:, -1], u.grad[:, -1]) < 1e-4             # output, so the cut cache does not matter there
