@@ -3,7 +3,6 @@ import torch
 
 from mamba2 import ssd_quadratic
 from oracle import naive_ssd, random_inputs, rel_err
-from test_scan import BAD
 
 
 @pytest.mark.parametrize("l", [1, 7, 15, 16, 17, 53])
@@ -47,12 +46,4 @@ def test_length_zero_returns_initial_state():
 def test_gradcheck_with_initial_states():
     X, A, B, C, s0 = random_inputs(b=1, l=5, h=2, g=1, p=2, n=2, initial_states=True)
     args = [t.clone().requires_grad_() for t in (X, A, B, C, s0)]
-    assert torch.autograd.gradcheck(lambda *a: ssd_quadratic(*a), args)
-
-
-@pytest.mark.parametrize("case", BAD)
-def test_quadratic_bad_input_names_the_problem(case):
-    make, message = BAD[case]
-    args = make(*random_inputs(l=9, initial_states=True))
-    with pytest.raises(ValueError, match=message):
-        ssd_quadratic(*args[:4], initial_states=args[4])
+    assert torch.autograd.gradcheck(ssd_quadratic, args)

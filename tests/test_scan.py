@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mamba2 import ssd_scan
+from mamba2 import ssd_chunked, ssd_quadratic, ssd_scan
 from oracle import naive_ssd, random_inputs, rel_err
 
 
@@ -53,9 +53,14 @@ BAD = {
 }
 
 
+# every SSD function of the book checks its inputs through the same contract
+ALGORITHMS = {"scan": ssd_scan, "quadratic": ssd_quadratic, "chunked": lambda X, A, B, C, **kw: ssd_chunked(X, A, B, C, 4, **kw)}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("case", BAD)
-def test_scan_bad_input_names_the_problem(case):
+def test_bad_input_names_the_problem(case, algorithm):
     make, message = BAD[case]
     args = make(*random_inputs(l=9, initial_states=True))
     with pytest.raises(ValueError, match=message):
-        ssd_scan(*args[:4], initial_states=args[4])
+        ALGORITHMS[algorithm](*args[:4], initial_states=args[4])
