@@ -4,18 +4,18 @@
 __all__ = ['chunk_inputs', 'pass_states', 'chunk_decays', 'ssd_chunked']
 
 # %% ../book/04_chunked.ipynb #d52bab69
+import math
 import torch
 import torch.nn.functional as F
 from .scan import check_ssd_inputs
-from .segsum import segsum
-from .quadratic import split_heads, masked_attention, flush_tiny, states_from_inputs, decay_from_start, outputs_from_state
+from .quadratic import split_heads, masked_attention, flush_tiny, states_from_inputs, outputs_from_state
 
 # %% ../book/04_chunked.ipynb #423fbc22
 def chunk_inputs(X, A, B, C, chunk_size):
     "Pad the length with zeros to whole chunks (at least one), then split it: `(b, l, ...) -> (b, c, Q, ...)`."
     nc = max(1, -(-X.size(1) // chunk_size))
     pad = nc * chunk_size - X.size(1)
-    return [F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)).unflatten(1, (nc, chunk_size)) for t in (X, A, B, C)]
+    return [(F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t).unflatten(1, (nc, chunk_size)) for t in (X, A, B, C)]
 
 # %% ../book/04_chunked.ipynb #bddcafa5
 def pass_states(states, chunk_decay, initial_states):
@@ -28,13 +28,15 @@ def pass_states(states, chunk_decay, initial_states):
 
 # %% ../book/04_chunked.ipynb #7114b874
 def chunk_decays(A):
-    "`L = exp(segsum(A))` and `exp(A_0 + ... + A_j)` within each chunk, from the chunk's cumulative sum; `A: (..., Q)`."
-    Q = A.size(-1)
+    "Within each chunk, `A: (..., Q)`: `L = exp(segsum(A))` on and below the diagonal, `(..., Q, Q)`, and `exp(A_0 + ... + A_j)`, `(..., Q)`."
+    Q, info = A.size(-1), torch.finfo(A.dtype)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=A.device).tril()
-    S = A @ causal.to(A.dtype).T                                    # cumulative sum as a product (torch.compile-safe)
-    L = (S[..., :, None] - S[..., None, :]).masked_fill_(~causal, -torch.inf).exp_()
-    return L, flush_tiny(torch.exp(S))
-
+    S = A.double() @ causal.double().T                              # float64 cumulative sum, as a product
+    hi = S.to(A.dtype)
+    lo = (S - hi).to(A.dtype)                                       # S = hi + lo, to float64's precision
+    L = (hi[..., :, None] - hi[..., None, :]).add_(lo[..., :, None]).sub_(lo[..., None, :])
+    floor = torch.tensor(math.log(info.tiny / info.eps), dtype=A.dtype, device=A.device)   # and the floor above the diagonal
+    return L.clamp_(floor, floor.where(~causal, torch.inf)).exp_(), flush_tiny(torch.exp(S).to(A.dtype))
 
 # %% ../book/04_chunked.ipynb #27eb861c
 def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
@@ -45,12 +47,9 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     dtype = torch.promote_types(X.dtype, torch.float32)            # decays, exponentials and states in >= float32
     Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)  # products in X's dtype, decays in float32
     Xc, Ac = split_heads(Xc, Ac, g)                                 # (b, c, Q, g, r, p), (b, c, g, r, Q)
-    if X.dtype in (torch.float16, torch.bfloat16):                  # cheap in-chunk differences: precise enough
-        L, decay = chunk_decays(Ac.contiguous())                    # (b, c, g, r, Q, Q), (b, c, g, r, Q)
-    else:                                                           # chapter 2's stable segment sums
-        L = segsum(Ac).exp_()                                       # in place: segsum's output is ours
-        decay = decay_from_start(L, Ac)
+    L, decay = chunk_decays(Ac)                                     # (b, c, g, r, Q, Q), (b, c, g, r, Q)
     s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
     entering, final_state = pass_states(states_from_inputs(L, Xc, B), decay[..., -1], s0.unflatten(1, (g, -1)))
-    Y = masked_attention(L, Xc, B, C) + outputs_from_state(C, entering, decay)
+    Y_diag = masked_attention(L, Xc, B, C, overwrite=not torch.is_grad_enabled())   # inference: scores in L's memory
+    Y = outputs_from_state(C, entering, decay).add_(Y_diag)                         # (b, c, Q, g, r, p)
     return Y.flatten(1, 2)[:, :l].flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)

@@ -15,10 +15,11 @@ def split_heads(X, A, g):
     return X.unflatten(-2, (g, -1)), A.unflatten(-1, (g, -1)).movedim(-3, -1)
 
 # %% ../book/03_semiseparable.ipynb #c3dd7567
-def masked_attention(L, X, B, C):
-    "`Y = (L * C B^T) X` per head; `L: (..., g, r, l, l)`, `X: (..., l, g, r, p)`, `B, C: (..., l, g, n)`."
-    CB = torch.einsum("...lgn,...sgn->...gls", C, B)             # (..., g, l, s): once per group
-    return torch.einsum("...grls,...sgrp->...lgrp", (L * CB.unsqueeze(-3)).to(X.dtype), X)  # product in X's dtype
+def masked_attention(L, X, B, C, overwrite=False):
+    "`Y = (L * C B^T) X` per head, causal whatever `L` holds above its diagonal; `L: (..., g, r, l, l)`, `X: (..., l, g, r, p)`, `B, C: (..., l, g, n)`."
+    CB = torch.einsum("...lgn,...sgn->...gls", C, B).tril_()       # (..., g, l, s): once per group, causal
+    M = L.mul_(CB.unsqueeze(-3)) if overwrite else L * CB.unsqueeze(-3)   # overwrite: the scores in L's memory
+    return torch.einsum("...grls,...sgrp->...lgrp", M.to(X.dtype), X)    # product in X's dtype
 
 # %% ../book/03_semiseparable.ipynb #396ec649
 def flush_tiny(decay):
