@@ -27,14 +27,16 @@ def pass_states(states, chunk_decay, initial_states):
     return torch.stack(entering, 1), state
 
 # %% ../book/04_chunked.ipynb #7114b874
-def chunk_decays(A):
+def chunk_decays(A, exact=True):
     "Within each chunk, `A: (..., Q)`: `L = exp(segsum(A))` on and below the diagonal, `(..., Q, Q)`, and `exp(A_0 + ... + A_j)`, `(..., Q)`."
     Q, info = A.size(-1), torch.finfo(A.dtype)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=A.device).tril()
     S = A.double() @ causal.double().T                              # float64 cumulative sum, as a product
     hi = S.to(A.dtype)
-    lo = (S - hi).to(A.dtype)                                       # S = hi + lo, to float64's precision
-    L = (hi[..., :, None] - hi[..., None, :]).add_(lo[..., :, None]).sub_(lo[..., None, :])
+    L = hi[..., :, None] - hi[..., None, :]
+    if exact:                                                       # S = hi + lo to float64's precision
+        lo = (S - hi).to(A.dtype)
+        L.add_(lo[..., :, None]).sub_(lo[..., None, :])
     floor = torch.tensor(math.log(info.tiny / info.eps), dtype=A.dtype, device=A.device)   # and the floor above the diagonal
     return L.clamp_(floor, floor.where(~causal, torch.inf)).exp_(), flush_tiny(torch.exp(S).to(A.dtype))
 
@@ -47,7 +49,7 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     dtype = torch.promote_types(X.dtype, torch.float32)            # decays, exponentials and states in >= float32
     Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)  # products in X's dtype, decays in float32
     Xc, Ac = split_heads(Xc, Ac, g)                                 # (b, c, Q, g, r, p), (b, c, g, r, Q)
-    L, decay = chunk_decays(Ac)                                     # (b, c, g, r, Q, Q), (b, c, g, r, Q)
+    L, decay = chunk_decays(Ac, exact=X.dtype not in (torch.float16, torch.bfloat16))   # (b, c, g, r, Q, Q), (b, c, g, r, Q)
     s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
     entering, final_state = pass_states(states_from_inputs(L, Xc, B), decay[..., -1], s0.unflatten(1, (g, -1)))
     Y_diag = masked_attention(L, Xc, B, C, overwrite=not torch.is_grad_enabled())   # inference: scores in L's memory
