@@ -7,7 +7,9 @@ front of the source package so that the CUDA extensions are never imported).
 Every variant computes the same function from the same inputs, `(x, dt, a, B, C) -> (Y, final_state)`
 with `X = x * dt` and `A = dt * a` (the kernel discretizes inside, so ours does too, inside the timing).
 For each shape: a float64 reference (the paper's listing in float64), every variant's relative error
-against it, then its median time (`triton.testing.do_bench`), its peak memory above the inputs
+against it, then its median time per call (`triton.testing.do_bench`: what a caller waits, Python's
+launch overhead included), the median time of replaying the call captured in a CUDA graph (the GPU's
+own time: launch overhead gone), its peak memory above the inputs
 (`max_memory_allocated` after `reset_peak_memory_stats`), and, for compiled variants, the first-call
 compile time and the number of graphs and graph breaks, reported apart.
 """
@@ -179,6 +181,22 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graph_ms(fn, *args):
+    "Median time of replaying `fn(*args)` captured in a CUDA graph: the GPU's own time, without Python's launch overhead."
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    ms = bench(graph.replay)
+    del graph
+    return ms
+
+
 def peak_mib(fn):
     "Peak memory allocated during fn() above what was allocated before it, in MiB."
     torch.cuda.synchronize(); torch.cuda.empty_cache()
@@ -318,6 +336,11 @@ def main():
                 del Y, S
                 r["ms"] = bench(lambda: fn(x, dt, a, B, C))
                 r["sm_clock_mhz"] = sm_clock_mhz()
+                try:
+                    r["graph_ms"] = graph_ms(fn, x, dt, a, B, C)
+                except Exception as e:
+                    r["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                torch.cuda.synchronize()
                 r["peak_mib"] = peak_mib(lambda: fn(x, dt, a, B, C))
                 if v.endswith("_compiled"):
                     r["recompiles_after_warmup"] = int(counters["stats"]["unique_graphs"]) - r["graphs"]
@@ -348,13 +371,14 @@ def main():
 
     # the short table last
     kern = {r["shape"]: r for r in res["results"] if r["variant"] == "kernel" and "ms" in r}
-    print(f"{'shape':7s} {'variant':18s} {'ms':>8s} {'x kern':>7s} {'MiB':>8s} {'x kern':>7s} {'err_y':>8s} {'first s':>7s}")
+    print(f"{'shape':7s} {'variant':18s} {'ms':>8s} {'x kern':>7s} {'graph':>7s} {'x kern':>7s} {'MiB':>8s} {'x kern':>7s} {'err_y':>8s} {'first s':>7s}")
     for r in res["results"]:
         k = kern.get(r["shape"])
         if "ms" not in r:
             print(f"{r['shape']:7s} {r['variant']:18s} {r.get('error','')[:60]}")
             continue
-        print(f"{r['shape']:7s} {r['variant']:18s} {r['ms']:8.3f} {r['ms']/k['ms'] if k else float('nan'):7.2f} "
+        gk, gr = (k or {}).get("graph_ms", float("nan")), r.get("graph_ms", float("nan"))
+        print(f"{r['shape']:7s} {r['variant']:18s} {r['ms']:8.3f} {r['ms']/k['ms'] if k else float('nan'):7.2f} {gr:7.3f} {gr / gk:7.2f} "
               f"{r['peak_mib']:8.0f} {r['peak_mib']/k['peak_mib'] if k else float('nan'):7.2f} {r['rel_err_y']:8.1e} {r.get('first_call_s', 0):7.1f}")
 
 

@@ -65,6 +65,7 @@ VARIANTS = {
     "v_out_inf": dict(lo=False, out=True, mask="inf"), "v_lo_out": dict(lo=True, out=True),
     "v_out_b25": dict(lo=False, out=True, budget=2**25), "v_out_b26": dict(lo=False, out=True, budget=2**26),
     "v_lo_out_b25": dict(lo=True, out=True, budget=2**25), "v_out_b24": dict(lo=False, out=True, budget=2**24),
+    "v_out_b27": dict(lo=False, out=True, budget=2**27),
 }
 
 
@@ -73,7 +74,8 @@ def main():
     ap.add_argument("--shape", default="8,4096")
     ap.add_argument("--variants", default="kernel,ours," + ",".join(VARIANTS))
     ap.add_argument("--compiled", default="ours,v_out,v_out_b25,v_lo_out_b25")
-    ap.add_argument("--profile", default="")
+    ap.add_argument("--profile", default="", help="variants to profile, eager (NAME) or compiled (NAME_compiled)")
+    ap.add_argument("--no-grad-too", action="store_true", help="time eager variants under torch.no_grad() as well")
     ap.add_argument("--out", default="explore.json")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -92,8 +94,9 @@ def main():
     # reference: our float64 chunked SSD (checked against the scan in the tests), on the first sequence only
     Yref, Sref = ssd_chunked((x * dt[..., None]).double()[:1], (dt * a).double()[:1], B.double()[:1], C.double()[:1], Q)
     res = {"env": env_info(), "shape": [b, l], "results": []}
-    runs = [(v, False, False) for v in args.variants.split(",")] + [(v, False, True) for v in args.variants.split(",") if v != "kernel"]
-    runs += [(v, True, mode) for v in args.compiled.split(",") if v for mode in (False, True)]
+    runs = [(v, False, False) for v in args.variants.split(",")]
+    runs += [(v, False, True) for v in args.variants.split(",") if v != "kernel" and args.no_grad_too]
+    runs += [(v, True, False) for v in args.compiled.split(",") if v]
     for v, compiled, no_grad in runs:
         if v not in fns:
             continue
@@ -118,12 +121,18 @@ def main():
         res["results"].append(r)
         print(json.dumps(r), flush=True)
         json.dump(res, open(args.out, "w"), indent=1)
-    for v in filter(None, args.profile.split(",")):
+    for v in filter(None, args.profile.split(",")):       # NAME or NAME_compiled
+        fn = fns[v.removesuffix("_compiled")]
+        if v.endswith("_compiled"):
+            torch._dynamo.reset()
+            fn = torch.compile(fn, dynamic=False)
         with torch.no_grad():
-            fns[v](x, dt, a, B, C); torch.cuda.synchronize()
+            for _ in range(3):
+                fn(x, dt, a, B, C)
+            torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    fns[v](x, dt, a, B, C)
+                    fn(x, dt, a, B, C)
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=110)
         res.setdefault("profiles", {})[v] = table

@@ -37,8 +37,8 @@ def chunk_decays(A, exact=True):
     if exact:                                                       # S = hi + lo to float64's precision
         lo = (S - hi).to(A.dtype)
         L.add_(lo[..., :, None]).sub_(lo[..., None, :])
-    floor = torch.tensor(math.log(info.tiny / info.eps), dtype=A.dtype, device=A.device)   # and the floor above the diagonal
-    return L.clamp_(floor, floor.where(~causal, torch.inf)).exp_(), flush_tiny(torch.exp(S).to(A.dtype))
+    floor = torch.full((Q, Q), math.log(info.tiny / info.eps), dtype=A.dtype, device=A.device)   # also above the diagonal
+    return L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_(), flush_tiny(torch.exp(S).to(A.dtype))
 
 # %% ../book/04_chunked.ipynb #27eb861c
 def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
