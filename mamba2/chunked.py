@@ -28,7 +28,7 @@ def pass_states(states, chunk_decay, initial_states):
 
 # %% ../book/04_chunked.ipynb #7114b874
 def chunk_decays(A, exact=True):
-    "Within each chunk, `A: (..., Q)`: `L = exp(segsum(A))` on and below the diagonal, `(..., Q, Q)`, and `exp(A_0 + ... + A_j)`, `(..., Q)`."
+    "Within each chunk, `A: (..., Q)`: `L = exp(segsum(A))` on and below the diagonal, `(..., Q, Q)`; the decays from the start and to the end, `(..., Q)` each."
     Q, info = A.size(-1), torch.finfo(A.dtype)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=A.device).tril()
     S = A.double() @ causal.double().T                              # float64 cumulative sum, as a product
@@ -38,7 +38,8 @@ def chunk_decays(A, exact=True):
         lo = (S - hi).to(A.dtype)
         L.add_(lo[..., :, None]).sub_(lo[..., None, :])
     floor = torch.full((Q, Q), math.log(info.tiny / info.eps), dtype=A.dtype, device=A.device)   # also above the diagonal
-    return L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_(), flush_tiny(torch.exp(S).to(A.dtype))
+    L = L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_()
+    return L, flush_tiny(torch.exp(S).to(A.dtype)), torch.exp(S[..., -1:] - S).to(A.dtype)
 
 # %% ../book/04_chunked.ipynb #27eb861c
 def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
@@ -49,9 +50,9 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     dtype = torch.promote_types(X.dtype, torch.float32)            # decays, exponentials and states in >= float32
     Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)  # products in X's dtype, decays in float32
     Xc, Ac = split_heads(Xc, Ac, g)                                 # (b, c, Q, g, r, p), (b, c, g, r, Q)
-    L, decay = chunk_decays(Ac, exact=X.dtype not in (torch.float16, torch.bfloat16))   # (b, c, g, r, Q, Q), (b, c, g, r, Q)
+    L, from_start, to_end = chunk_decays(Ac, exact=X.dtype not in (torch.float16, torch.bfloat16))   # (b, c, g, r, Q[, Q])
     s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
-    entering, final_state = pass_states(states_from_inputs(L, Xc, B), decay[..., -1], s0.unflatten(1, (g, -1)))
+    entering, final_state = pass_states(states_from_inputs(to_end, Xc, B), from_start[..., -1], s0.unflatten(1, (g, -1)))
     Y_diag = masked_attention(L, Xc, B, C, overwrite=not torch.is_grad_enabled())   # inference: scores in L's memory
-    Y = outputs_from_state(C, entering, decay).add_(Y_diag)                         # (b, c, Q, g, r, p)
+    Y = outputs_from_state(C, entering, from_start).add_(Y_diag)                         # (b, c, Q, g, r, p)
     return Y.flatten(1, 2)[:, :l].flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)

@@ -27,10 +27,10 @@ def flush_tiny(decay):
     info = torch.finfo(decay.dtype)
     return decay.masked_fill(decay < info.tiny / info.eps, 0.0)
 
-def states_from_inputs(L, X, B):
-    "State after the last token from a zero start: `sum_i L[-1, i] X_i B_i^T`, `(..., g, r, p, n)`."
-    to_end = flush_tiny(L[..., -1, :]).movedim(-1, -3).unsqueeze(-1)   # (..., l, g, r, 1)
-    return torch.einsum("...lgn,...lgrp->...grpn", B, (X * to_end).to(B.dtype)).to(L.dtype)  # state in L's dtype
+def states_from_inputs(to_end, X, B):
+    "State after the last token from a zero start, `sum_i to_end_i X_i B_i^T`, `(..., g, r, p, n)`; `to_end: (..., g, r, l)` is L's last row."
+    Xd = X * flush_tiny(to_end).movedim(-1, -3).unsqueeze(-1)           # (..., l, g, r, p): decayed to the end
+    return torch.einsum("...lgn,...lgrp->...grpn", B, Xd.to(B.dtype)).to(to_end.dtype)   # state in the decays' dtype
 
 # %% ../book/03_semiseparable.ipynb #dbeb26d9
 def decay_from_start(L, A):
@@ -55,5 +55,5 @@ def ssd_quadratic(X, A, B, C, initial_states=None):
     L = segsum(Ag).exp_()                                         # (b, g, r, l, l), in place: segsum's output is ours
     decay = decay_from_start(L, Ag)                               # (b, g, r, l)
     Y = masked_attention(L, Xg, B, C) + outputs_from_state(C, state, decay)
-    final_state = states_from_inputs(L, Xg, B) + decay[..., -1, None, None] * state
+    final_state = states_from_inputs(L[..., -1, :], Xg, B) + decay[..., -1, None, None] * state
     return Y.flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)
