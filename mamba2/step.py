@@ -47,14 +47,16 @@ def _step(self, u, cache):
     xBC = (window * self.conv1d.weight[:, 0].to(dtype)).sum(-1)                          # (b, conv_dim)
     xBC = F.silu(xBC if self.conv1d.bias is None else xBC + self.conv1d.bias.to(dtype))
     x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-    x, B, C = x.view(b, c.ngroups, -1, c.headdim), B.view(b, c.ngroups, c.d_state), C.view(b, c.ngroups, c.d_state)
-    dt, A = (t.view(b, c.ngroups, -1) for t in discretize(dt, self.dt_bias, self.A_log, c.dt_limit))  # (b, g, h/g)
+    x, B, C = x.view(b, c.ngroups, -1, c.headdim), B.view(b, c.ngroups, 1, 1, c.d_state), C.view(b, c.ngroups, c.d_state, 1)
+    dt, A = (t.view(b, c.ngroups, -1, 1, 1) for t in discretize(dt, self.dt_bias, self.A_log, c.dt_limit))  # (b, g, h/g, 1, 1)
     state = cache.ssm_state.view(b, c.ngroups, -1, c.headdim, c.d_state)                 # heads of a group share B, C
     if torch.is_grad_enabled():
-        state = state.clone()                # autograd keeps it for backward, and the cache is overwritten below
-    state = state * A.exp()[..., None, None] + torch.einsum("bgrp,bgn->bgrpn", x * dt[..., None], B)
-    y = torch.einsum("bgrpn,bgn->bgrp", state, C) + x * self.D.to(dtype).view(c.ngroups, -1, c.headdim if c.D_has_hdim else 1)
-    cache.conv_state.copy_(window.detach()), cache.ssm_state.copy_(state.detach().flatten(1, 2))   # in place, no graph
+        state = state.clone()                # autograd keeps it for backward; the cache gets the new values below
+    state.mul_(A.exp()).addcmul_(x[..., None] * dt, B)                                   # e^{dt A} H + (dt x) B^T, in place
+    y = (state.flatten(2, 3) @ C).view_as(x) + x * self.D.to(dtype).view(c.ngroups, -1, c.headdim if c.D_has_hdim else 1)
+    cache.conv_state.copy_(window.detach())                                              # values, no graph
+    if torch.is_grad_enabled():
+        cache.ssm_state.copy_(state.detach().flatten(1, 2))
     return self.out_proj(self.norm(y.flatten(1), z).to(u.dtype))[:, None]
 
 def _allocate_cache(self, batch_size):

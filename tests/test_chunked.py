@@ -66,6 +66,58 @@ def test_float32_long_sequence_is_stable():
     assert rel_err(Y64[:, :2000], naive_ssd(*(t[:, :2000] for t in (X, A, B, C)), s0)[0]) < 1e-10
 
 
+def test_segment_sums_as_precise_as_the_masked_cumsum():
+    "chunk_decays: exp(segsum) below the diagonal; in float32 as precise as chapter 2's segsum, the cheap form far worse."
+    from mamba2 import segsum
+    from mamba2.chunked import chunk_decays
+    A = random_inputs(b=1, l=256, h=4, p=1, g=1, n=1, seed=3)[1].transpose(1, 2) * 8   # (b, h, l), strong decays
+    exact = torch.exp(segsum(A))
+    L64, from_start, to_end = chunk_decays(A)
+    assert torch.allclose(L64.tril(), exact, rtol=1e-12, atol=1e-300)
+    assert torch.allclose(to_end, exact[..., -1, :], rtol=1e-12) and torch.allclose(from_start, torch.exp(A.cumsum(-1)), rtol=1e-12, atol=1e-30)
+    err = lambda L: (L.double().tril() - exact).abs().max().item()
+    stable, ours, cheap = err(torch.exp(segsum(A.float()))), err(chunk_decays(A.float())[0]), err(chunk_decays(A.float(), exact=False)[0])
+    assert ours < 2 * stable and cheap > 5 * ours
+
+
+def test_no_subnormal_decays():
+    "Exponents are floored at log(tiny / eps): L holds no subnormal number, and the floor changes nothing visible."
+    from mamba2.chunked import chunk_decays
+    A = -torch.rand(1, 3, 128) * 4                                       # segment sums down to about -500
+    for dtype in (torch.float32, torch.float64):
+        L = chunk_decays(A.to(dtype))[0]
+        assert not ((L > 0) & (L < torch.finfo(dtype).tiny)).any() and torch.isfinite(L).all()
+    X, A, B, C, s0 = random_inputs(l=300, h=4, g=2, initial_states=True, seed=2)
+    A = A * 40                                                           # most decays far below the floor
+    Y, s = ssd_chunked(X, A, B, C, 64, s0)
+    Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
+    assert rel_err(Y, Y_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
+
+
+def test_inference_mode_gives_the_same_result():
+    "Under torch.no_grad() the scores overwrite the decay matrix: the result is bit for bit the same."
+    X, A, B, C, s0 = random_inputs(l=100, h=4, g=2, initial_states=True, seed=5)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = [t.to(dtype) for t in (X, B, C)]
+        Y, s = ssd_chunked(args[0], A.float(), args[1], args[2], 32, s0.float())
+        with torch.no_grad():
+            Y2, s2 = ssd_chunked(args[0], A.float(), args[1], args[2], 32, s0.float())
+        assert torch.equal(Y, Y2) and torch.equal(s, s2)
+
+
+@pytest.mark.parametrize("l, chunk_size", [(1300, 64), (1025, 256), (700, 600), (513, 1)])
+def test_cpu_segments_change_nothing(l, chunk_size, monkeypatch):
+    "On a CPU long sequences run in segments of about 512 tokens: the same result as one piece, and as the oracle."
+    import mamba2.chunked
+    X, A, B, C, s0 = random_inputs(b=2, l=l, h=4, g=2, p=3, n=5, initial_states=True, seed=l)
+    Y, s = ssd_chunked(X, A, B, C, chunk_size, s0)
+    monkeypatch.setattr(mamba2.chunked, "CPU_SEGMENT_TOKENS", 1 << 20)
+    Y1, s1 = ssd_chunked(X, A, B, C, chunk_size, s0)
+    assert rel_err(Y, Y1) < 1e-12 and rel_err(s, s1) < 1e-12
+    Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
+    assert rel_err(Y, Y_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
+
+
 def test_gradcheck_with_initial_states():
     X, A, B, C, s0 = random_inputs(b=1, l=5, h=2, g=1, p=2, n=2, initial_states=True)
     args = [t.clone().requires_grad_() for t in (X, A, B, C, s0)]
