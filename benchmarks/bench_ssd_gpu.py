@@ -13,7 +13,7 @@ own time: launch overhead gone), its peak memory above the inputs
 (`max_memory_allocated` after `reset_peak_memory_stats`), and, for compiled variants, the first-call
 compile time and the number of graphs and graph breaks, reported apart.
 """
-import argparse, datetime, json, math, os, platform, subprocess, sys, time, traceback
+import argparse, datetime, json, math, os, platform, subprocess, time, traceback
 
 import torch
 import torch._dynamo
@@ -197,6 +197,32 @@ def graph_ms(fn, *args):
     return ms
 
 
+def save(res, path):
+    "Rewrite the results file: a run that stops early keeps what it measured."
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def record(res, r, path):
+    "Add one measurement `r` to the results, print it, save them; free the GPU memory it left cached."
+    torch.cuda.empty_cache()
+    res["results"].append(r)
+    print(json.dumps(r), flush=True)
+    save(res, path)
+
+
+def cuda_profile(fn, *args, warmup=1, calls=5, rows=20, width=70):
+    "The profiler's table of the CUDA kernels of `calls` calls of `fn(*args)`, after `warmup` calls, by total time."
+    for _ in range(warmup):
+        fn(*args)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(*args)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=width)
+
+
 def peak_mib(fn):
     "Peak memory allocated during fn() above what was allocated before it, in MiB."
     torch.cuda.synchronize(); torch.cuda.empty_cache()
@@ -349,23 +375,12 @@ def main():
             except Exception as e:
                 r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
-            torch.cuda.empty_cache()
-            res["results"].append(r)
-            print(json.dumps(r), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+            record(res, r, args.out)
         if args.profile in fns and shape == args.shapes.split(",")[0]:
-            fn = fns[args.profile]
-            fn(x, dt, a, B, C); torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fn(x, dt, a, B, C)
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+            table = cuda_profile(fns[args.profile], x, dt, a, B, C)
             res["profile"] = {"variant": args.profile, "shape": shape, "calls": 5, "table": table}
             print(table, flush=True)
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+            save(res, args.out)
         del x, dt, a, B, C, Yref, Sref
         torch.cuda.empty_cache()
 

@@ -3,7 +3,8 @@
     PYTHONPATH=.:MAMBA_SSM_SOURCES python benchmarks/explore_ssd_gpu.py --out explore.json [--variants a,b,...]
 
 Each variant is `ssd_variant` below with one set of flags; `kernel` is mamba_ssm's Triton kernel and `ours` the
-exported `mamba2.ssd_chunked`. Every variant is checked against the float64 scan of the same inputs before it
+exported `mamba2.ssd_chunked`. Every variant is checked against `ssd_chunked` in float64 (itself checked against
+the scan by the tests) on the first sequence of the same inputs before it
 is timed (`triton.testing.do_bench`, median), eager and with `torch.compile`, with and without `torch.no_grad()`,
 and its peak memory above the inputs is recorded. The flags:
   lo        add the float32 remainder of the float64 cumulative sum to the segment sums (two passes);
@@ -11,17 +12,17 @@ and its peak memory above the inputs is recorded. The flags:
   budget    build L for at most this many numbers at a time (a loop over groups of chunks), None: all at once;
   mask      "clamp": exponents clamped to a floor (the floor above the diagonal), "inf": -inf above the diagonal.
 """
-import argparse, json, math, sys, time, traceback
+import argparse, math, sys, time, traceback
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0])
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root, for mamba2
 from mamba2 import ssd_chunked
 from mamba2.chunked import chunk_inputs, pass_states
 from mamba2.quadratic import split_heads, flush_tiny, outputs_from_state
 from mamba2.scan import check_ssd_inputs
-from bench_ssd_gpu import make_inputs, bench, peak_mib, rel, env_info, H, Q
+from bench_ssd_gpu import make_inputs, bench, peak_mib, rel, env_info, record, save, cuda_profile, Q
 
 
 def ssd_variant(X, A, B, C, chunk_size, initial_states=None, lo=True, out=False, budget=None, mask="clamp"):
@@ -82,7 +83,6 @@ def main():
     torch._dynamo.config.cache_size_limit = 64
     b, l = map(int, args.shape.split(","))
     x, dt, a, B, C = make_inputs(b, l, torch.bfloat16)
-    from mamba2 import ssd_scan
     fns = {"ours": lambda x, dt, a, B, C: ssd_chunked(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)}
     for name, kw in VARIANTS.items():
         fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_variant(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
@@ -117,27 +117,17 @@ def main():
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
-        torch.cuda.empty_cache()
-        res["results"].append(r)
-        print(json.dumps(r), flush=True)
-        json.dump(res, open(args.out, "w"), indent=1)
+        record(res, r, args.out)
     for v in filter(None, args.profile.split(",")):       # NAME or NAME_compiled
         fn = fns[v.removesuffix("_compiled")]
         if v.endswith("_compiled"):
             torch._dynamo.reset()
             fn = torch.compile(fn, dynamic=False)
         with torch.no_grad():
-            for _ in range(3):
-                fn(x, dt, a, B, C)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fn(x, dt, a, B, C)
-                torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=110)
+            table = cuda_profile(fn, x, dt, a, B, C, warmup=3, rows=25, width=110)
         res.setdefault("profiles", {})[v] = table
         print(table, flush=True)
-        json.dump(res, open(args.out, "w"), indent=1)
+        save(res, args.out)
     k = next((r for r in res["results"] if r["variant"] == "kernel" and "ms" in r), None)
     print(f"{'variant':14s} {'comp':>5s} {'nograd':>6s} {'ms':>8s} {'x kern':>7s} {'MiB':>7s} {'x kern':>7s} {'err_y':>8s} {'err_s':>8s}")
     for r in res["results"]:
