@@ -17,9 +17,13 @@ def split_heads(X, A, g):
 # %% ../book/03_semiseparable.ipynb #c3dd7567
 def masked_attention(L, X, B, C, overwrite=False):
     "`Y = (L * C B^T) X` per head, causal whatever `L` holds above its diagonal; `L: (..., g, r, l, l)`, `X: (..., l, g, r, p)`, `B, C: (..., l, g, n)`."
-    CB = torch.einsum("...lgn,...sgn->...gls", C, B).tril_()       # (..., g, l, s): once per group, causal
-    M = L.mul_(CB.unsqueeze(-3)) if overwrite else L * CB.unsqueeze(-3)   # overwrite: the scores in L's memory
-    return torch.einsum("...grls,...sgrp->...lgrp", M.to(X.dtype), X)    # product in X's dtype
+    CB = torch.einsum("...lgn,...sgn->...gls", C, B).tril_().unsqueeze(-3)   # (..., g, 1, l, s): once per group, causal
+    if overwrite:        # one pass, no autograd: the product in L's precision, stored in X's dtype (in L if they match)
+        M = torch.mul(L, CB, out=L if L.dtype == X.dtype else torch.empty(L.shape, dtype=X.dtype, device=L.device))
+    else:
+        M = (L * CB).to(X.dtype)
+    return torch.einsum("...grls,...sgrp->...lgrp", M, X)         # product in X's dtype
+
 
 # %% ../book/03_semiseparable.ipynb #396ec649
 def flush_tiny(decay):

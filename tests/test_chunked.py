@@ -95,14 +95,48 @@ def test_no_subnormal_decays():
 
 
 def test_inference_mode_gives_the_same_result():
-    "Under torch.no_grad() the scores overwrite the decay matrix: the result is bit for bit the same."
-    X, A, B, C, s0 = random_inputs(l=100, h=4, g=2, initial_states=True, seed=5)
+    "Without autograd the scores are written in one pass (into L's memory when the dtypes match): bit for bit the autograd path's result."
+    X, A, B, C, s0 = random_inputs(l=300, h=4, g=2, initial_states=True, seed=5)
     for dtype in (torch.float32, torch.bfloat16):
-        args = [t.to(dtype) for t in (X, B, C)]
-        Y, s = ssd_chunked(args[0], A.float(), args[1], args[2], 32, s0.float())
+        args = [t.to(dtype).requires_grad_() for t in (X, B, C)]
+        Y, s = ssd_chunked(args[0], A.float(), args[1], args[2], 128, s0.float())
         with torch.no_grad():
-            Y2, s2 = ssd_chunked(args[0], A.float(), args[1], args[2], 32, s0.float())
-        assert torch.equal(Y, Y2) and torch.equal(s, s2)
+            Y2, s2 = ssd_chunked(args[0], A.float(), args[1], args[2], 128, s0.float())
+        assert Y.requires_grad and torch.equal(Y.detach(), Y2) and torch.equal(s.detach(), s2)
+
+
+@pytest.mark.parametrize("l", [1, 7, 23, 49])
+@pytest.mark.parametrize("chunk_size, block", [(8, 4), (8, 2), (12, 3), (12, 12)])
+@pytest.mark.parametrize("h,g", [(4, 1), (4, 2), (4, 4)])
+def test_blocks_inside_chunks_match_oracle(l, chunk_size, block, h, g, monkeypatch):
+    "Chunks cut into diagonal blocks and the blocks below them: the oracle's result, float64 and float32."
+    import mamba2.chunked
+    monkeypatch.setattr(mamba2.chunked, "SUB_BLOCK", block)
+    X, A, B, C, s0 = random_inputs(b=2, l=l, h=h, g=g, p=3, n=5, initial_states=True, seed=l + block)
+    Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
+    Y, s = ssd_chunked(X, A, B, C, chunk_size, s0)
+    assert rel_err(Y, Y_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
+    Y, s = ssd_chunked(X.float(), A.float(), B.float(), C.float(), chunk_size, s0.float())
+    assert rel_err(Y, Y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_scores_budget_changes_nothing(monkeypatch):
+    "Diagonal blocks built a chunk at a time (a tiny budget) or all at once: the same numbers."
+    import mamba2.chunked
+    monkeypatch.setattr(mamba2.chunked, "SUB_BLOCK", 4)
+    X, A, B, C, s0 = random_inputs(l=100, h=4, g=2, initial_states=True, seed=8)
+    Y, s = ssd_chunked(X, A, B, C, 16, s0)
+    monkeypatch.setattr(mamba2.chunked, "SCORES_BUDGET", 1)
+    Y1, s1 = ssd_chunked(X, A, B, C, 16, s0)
+    assert torch.equal(Y, Y1) and torch.equal(s, s1)
+
+
+def test_gradcheck_blocks_inside_chunks(monkeypatch):
+    import mamba2.chunked
+    monkeypatch.setattr(mamba2.chunked, "SUB_BLOCK", 2)
+    X, A, B, C, s0 = random_inputs(b=1, l=7, h=2, g=1, p=2, n=2, initial_states=True, seed=9)
+    args = [t.clone().requires_grad_() for t in (X, A, B, C, s0)]
+    assert torch.autograd.gradcheck(lambda X, A, B, C, s0: ssd_chunked(X, A, B, C, 6, s0), args)
 
 
 @pytest.mark.parametrize("l, chunk_size", [(1300, 64), (1025, 256), (700, 600), (513, 1)])
