@@ -126,7 +126,7 @@ def test_scores_budget_changes_nothing(monkeypatch):
     monkeypatch.setattr(mamba2.chunked, "SUB_BLOCK", 4)
     X, A, B, C, s0 = random_inputs(l=100, h=4, g=2, initial_states=True, seed=8)
     Y, s = ssd_chunked(X, A, B, C, 16, s0)
-    monkeypatch.setattr(mamba2.chunked, "SCORES_BUDGET", 1)
+    monkeypatch.setattr(mamba2.chunked, "SCORES_MEMORY", 1)
     Y1, s1 = ssd_chunked(X, A, B, C, 16, s0)
     assert torch.equal(Y, Y1) and torch.equal(s, s1)
 
