@@ -11,18 +11,21 @@ and its peak memory above the inputs is recorded. The flags:
   out       write the scores L * C B^T straight into a tensor of the input's dtype (one pass instead of two);
   budget    build L for at most this many numbers at a time (a loop over groups of chunks), None: all at once;
   mask      "clamp": exponents clamped to a floor (the floor above the diagonal), "inf": -inf above the diagonal.
+The `blk*` variants are `ssd_blocks` below, the prototype of chapter 4's blocks inside the chunks, e.g.
+    --variants kernel,ours,blk64,blk32,blk128 --compiled ours,blk64,blk256,blk256_g2 --profile blk64
 """
 import argparse, math, sys, time, traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root, for mamba2
 from mamba2 import ssd_chunked
 from mamba2.chunked import chunk_inputs, pass_states
 from mamba2.quadratic import split_heads, flush_tiny, outputs_from_state
 from mamba2.scan import check_ssd_inputs
-from bench_ssd_gpu import make_inputs, bench, peak_mib, rel, env_info, record, save, cuda_profile, Q
+from bench_ssd_gpu import make_inputs, bench, graph_ms, peak_mib, rel, env_info, record, save, cuda_profile, Q
 
 
 def ssd_variant(X, A, B, C, chunk_size, initial_states=None, lo=True, out=False, budget=None, mask="clamp"):
@@ -70,6 +73,85 @@ VARIANTS = {
 }
 
 
+# Blocks inside the chunks (the prototype of chapter 4's diagonal_blocks / earlier_blocks), with its own flags:
+#   block     tokens per diagonal block (chunk_size: whole chunks);  groups  the diagonal scores in that many pieces;
+#   tm        decay vectors laid out token-major, (b, c, Q, g, r), instead of (b, c, g, r, Q).
+def segment_decays(S, dtype, exact):
+    q, info = S.size(-1), torch.finfo(dtype)
+    causal = torch.ones(q, q, dtype=torch.bool, device=S.device).tril()
+    hi = S.to(dtype)
+    L = hi[..., :, None] - hi[..., None, :]
+    if exact:
+        lo = (S - hi).to(dtype)
+        L.add_(lo[..., :, None]).sub_(lo[..., None, :])
+    floor = torch.full((q, q), math.log(info.tiny / info.eps), dtype=dtype, device=S.device)
+    return L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_()
+
+
+def ssd_blocks(X, A, B, C, chunk_size, initial_states=None, block=64, groups=1, tm=False):
+    "Sub-blocks of `block` tokens inside each chunk; elementwise passes fused where `out=` allows (no autograd through those)."
+    b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
+    dtype = torch.promote_types(X.dtype, torch.float32)
+    exact = X.dtype not in (torch.float16, torch.bfloat16)
+    fuse = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (X, A, B, C, initial_states)))
+    def mul_to(a, w, dt):       # a * w computed in float32, stored in dt: one pass instead of two
+        return torch.mul(a, w, out=torch.empty(torch.broadcast_shapes(a.shape, w.shape), dtype=dt, device=a.device)) if fuse else (a * w).to(dt)
+    Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)
+    Xc, Ac = split_heads(Xc, Ac, g)                                           # (b, c, Q, g, r, p), (b, c, g, r, Q)
+    Qn = chunk_size
+    q = block if Qn % block == 0 else Qn
+    k, nc = Qn // q, Xc.size(1)
+    causal = torch.ones(Qn, Qn, dtype=torch.bool, device=X.device).tril()
+    if tm:       # token-major decays: (b, c, Q, g, r) contiguous, broadcast over p only
+        St = causal.double() @ Ac.movedim(-1, 2).double().flatten(-2)       # (b, c, Q, h)
+        St = St.unflatten(-1, (g, -1))                                      # (b, c, Q, g, r)
+        S = St.movedim(2, -1)                                               # (b, c, g, r, Q) view
+        tok = lambda v: v.movedim(-1, 2).unsqueeze(-1)                      # a view of a token-major tensor
+        expd = lambda z: torch.exp(z.movedim(-1, 2)).movedim(2, -1)          # computed token-major, viewed back
+    else:
+        S = Ac.double() @ causal.double().T                                  # (b, c, g, r, Q)
+        tok = lambda v: v.movedim(-1, -3).unsqueeze(-1)                      # (b, c, g, r, Q) -> (b, c, Q, g, r, 1)
+        expd = torch.exp
+    from_start, to_end = flush_tiny(expd(S).to(dtype)), flush_tiny(expd(S[..., -1:] - S).to(dtype))
+    states = torch.einsum("...lgn,...lgrp->...grpn", B, mul_to(Xc, tok(to_end), X.dtype)).to(dtype)
+    s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
+    entering, final_state = pass_states(states, from_start[..., -1], s0.unflatten(1, (g, -1)))
+    del states
+    Zs = torch.einsum("bclgn,bcgrpn->bclgrp", C, entering.to(X.dtype))      # (b, c, Q, g, r, p): C S, not yet decayed
+    del entering
+    Sb = S.unflatten(-1, (k, q))
+    Sloc = (Sb - F.pad(Sb[..., :-1, -1], (1, 0))[..., None]).movedim(-2, 2)  # (b, c, k, g, r, q)
+    Xb, Bb, Cb = (t.unflatten(2, (k, q)) for t in (Xc, B, C))
+    Yd = []
+    step = -(-nc // groups)
+    for j in range(0, nc, step):
+        part = slice(j, j + step)
+        L = segment_decays(Sloc[:, part], dtype, exact)
+        CB = torch.einsum("...lgn,...sgn->...gls", Cb[:, part], Bb[:, part]).tril_()
+        M = mul_to(L, CB.unsqueeze(-3), X.dtype)
+        del L
+        Yd.append(torch.einsum("...grls,...sgrp->...lgrp", M, Xb[:, part]).flatten(2, 3))
+        del M
+    Yd = Yd[0] if len(Yd) == 1 else torch.cat(Yd, 1)
+    Y = torch.addcmul(Yd, Zs, tok(from_start))                                # float32
+    del Yd, Zs
+    for i in range(1, k):
+        e, rows = i * q, slice(i * q, (i + 1) * q)
+        w = flush_tiny(expd(S[..., e - 1:e] - S[..., :e]).to(dtype))
+        Xs = mul_to(Xc[:, :, :e], tok(w), X.dtype)
+        CB = torch.einsum("bclgn,bcsgn->bcgls", C[:, :, rows], B[:, :, :e])
+        Yi = torch.einsum("bcgls,bcsgrp->bclgrp", CB, Xs)
+        u = expd(S[..., rows] - S[..., e - 1:e]).to(dtype)
+        Y[:, :, rows].addcmul_(Yi, tok(u))
+    return Y.flatten(1, 2)[:, :l].flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)
+
+
+BLOCK_VARIANTS = {"blk64": dict(block=64), "blk32": dict(block=32), "blk128": dict(block=128),
+            "blk64_g2": dict(block=64, groups=2), "blk256": dict(block=256), "blk256_g4": dict(block=256, groups=4),
+            "blk64_tm": dict(block=64, tm=True), "blk32_tm": dict(block=32, tm=True), "blk256_g2": dict(block=256, groups=2),
+            "blk256_tm": dict(block=256, tm=True), "blk256_g2_tm": dict(block=256, groups=2, tm=True)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8,4096")
@@ -86,6 +168,8 @@ def main():
     fns = {"ours": lambda x, dt, a, B, C: ssd_chunked(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)}
     for name, kw in VARIANTS.items():
         fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_variant(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
+    for name, kw in BLOCK_VARIANTS.items():
+        fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_blocks(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
         fns["kernel"] = lambda x, dt, a, B, C: mamba_chunk_scan_combined(x, dt, a, B, C, chunk_size=Q, return_final_states=True)
@@ -113,6 +197,10 @@ def main():
                 r["err_y"], r["err_s"] = rel(Y[:1], Yref), rel(S[:1], Sref)
                 del Y, S
                 r["ms"] = bench(lambda: fn(x, dt, a, B, C))
+                try:
+                    r["graph_ms"] = graph_ms(fn, x, dt, a, B, C)
+                except Exception as e:
+                    r["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 r["peak_mib"] = peak_mib(lambda: fn(x, dt, a, B, C))
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
