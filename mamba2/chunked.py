@@ -36,6 +36,7 @@ def chunk_cumsum(A):
 def chunk_decays(A, exact=True):
     "Within each chunk, `A: (..., Q)`: `L = exp(segsum(A))` on and below the diagonal, `(..., Q, Q)`; the decays from the start and to the end, `(..., Q)` each."
     Q, info = A.size(-1), torch.finfo(A.dtype)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=A.device).tril()
     S = chunk_cumsum(A)
     hi = S.to(A.dtype)
     L = hi[..., :, None] - hi[..., None, :]
@@ -43,9 +44,8 @@ def chunk_decays(A, exact=True):
         lo = (S - hi).to(A.dtype)
         L.add_(lo[..., :, None]).sub_(lo[..., None, :])
     floor = torch.full((Q, Q), math.log(info.tiny / info.eps), dtype=A.dtype, device=A.device)   # also above the diagonal
-    L = L.clamp_(floor, floor.masked_fill(torch.ones_like(floor, dtype=torch.bool).tril(), torch.inf)).exp_()
+    L = L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_()
     return L, flush_tiny(torch.exp(S).to(A.dtype)), torch.exp(S[..., -1:] - S).to(A.dtype)
-
 
 # %% ../book/04_chunked.ipynb #94402204
 SUB_BLOCK, SCORES_MEMORY = 64, 192 * 2**20      # tokens per diagonal block; bytes of per-head scores at a time
@@ -61,7 +61,6 @@ def diagonal_blocks(A, X, B, C, block, exact=True, overwrite=False):
                           Cb[:, i:i + step], overwrite) for i in range(0, A.size(1), step)]
     return (Y[0] if len(Y) == 1 else torch.cat(Y, 1)).flatten(2, 3)  # (b, c, Q, g, r, p)
 
-
 # %% ../book/04_chunked.ipynb #822272f8
 def earlier_blocks(Y, S, X, B, C, block, fused=False):
     "Add to `Y` what each token reads from the earlier `block`-token blocks of its chunk, `exp(S_t - S_e) (C B^T)_ts exp(S_e - S_s) X_s`; `S: (b, c, g, r, Q)`."
@@ -72,7 +71,6 @@ def earlier_blocks(Y, S, X, B, C, block, fused=False):
         CB = torch.einsum("...lgn,...sgn->...gls", C[:, :, rows], B[:, :, :e])                        # one per group
         Y[:, :, rows].addcmul_(torch.einsum("...gls,...sgrp->...lgrp", CB, Xw), tok(torch.exp(S[..., rows] - S[..., e - 1:e])))
     return Y
-
 
 # %% ../book/04_chunked.ipynb #3f6a8b14
 CPU_SEGMENT_TOKENS = 512
@@ -112,4 +110,3 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     del C_state
     Y = earlier_blocks(Y, S, Xc, B, C, block, fused=no_grad)
     return Y.flatten(1, 2)[:, :l].flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)
-

@@ -27,7 +27,6 @@ def masked_attention(L, X, B, C, overwrite=False):
     M = L.mul_(CB) if overwrite and L.dtype == X.dtype else mul_to(L, CB, X.dtype, fused=overwrite)   # overwrite: one pass
     return torch.einsum("...grls,...sgrp->...lgrp", M, X)         # product in X's dtype
 
-
 # %% ../book/03_semiseparable.ipynb #396ec649
 def flush_tiny(decay):
     "Decays below `tiny / eps` of their dtype set to exactly 0: invisible in the result, and no subnormal arithmetic."
