@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root, for mamba2
 from mamba2 import ssd_chunked
 from mamba2.chunked import chunk_inputs, pass_states
-from mamba2.quadratic import split_heads, flush_tiny, outputs_from_state
+from mamba2.quadratic import split_heads, mul_to, flush_tiny, outputs_from_state
 from mamba2.scan import check_ssd_inputs
 from bench_ssd_gpu import make_inputs, bench, graph_ms, peak_mib, rel, env_info, record, save, cuda_profile, Q
 
@@ -94,8 +94,6 @@ def ssd_blocks(X, A, B, C, chunk_size, initial_states=None, block=64, groups=1, 
     dtype = torch.promote_types(X.dtype, torch.float32)
     exact = X.dtype not in (torch.float16, torch.bfloat16)
     fuse = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (X, A, B, C, initial_states)))
-    def mul_to(a, w, dt):       # a * w computed in float32, stored in dt: one pass instead of two
-        return torch.mul(a, w, out=torch.empty(torch.broadcast_shapes(a.shape, w.shape), dtype=dt, device=a.device)) if fuse else (a * w).to(dt)
     Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)
     Xc, Ac = split_heads(Xc, Ac, g)                                           # (b, c, Q, g, r, p), (b, c, g, r, Q)
     Qn = chunk_size
@@ -113,7 +111,7 @@ def ssd_blocks(X, A, B, C, chunk_size, initial_states=None, block=64, groups=1, 
         tok = lambda v: v.movedim(-1, -3).unsqueeze(-1)                      # (b, c, g, r, Q) -> (b, c, Q, g, r, 1)
         expd = torch.exp
     from_start, to_end = flush_tiny(expd(S).to(dtype)), flush_tiny(expd(S[..., -1:] - S).to(dtype))
-    states = torch.einsum("...lgn,...lgrp->...grpn", B, mul_to(Xc, tok(to_end), X.dtype)).to(dtype)
+    states = torch.einsum("...lgn,...lgrp->...grpn", B, mul_to(Xc, tok(to_end), X.dtype, fuse)).to(dtype)
     s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
     entering, final_state = pass_states(states, from_start[..., -1], s0.unflatten(1, (g, -1)))
     del states
@@ -128,7 +126,7 @@ def ssd_blocks(X, A, B, C, chunk_size, initial_states=None, block=64, groups=1, 
         part = slice(j, j + step)
         L = segment_decays(Sloc[:, part], dtype, exact)
         CB = torch.einsum("...lgn,...sgn->...gls", Cb[:, part], Bb[:, part]).tril_()
-        M = mul_to(L, CB.unsqueeze(-3), X.dtype)
+        M = mul_to(L, CB.unsqueeze(-3), X.dtype, fuse)
         del L
         Yd.append(torch.einsum("...grls,...sgrp->...lgrp", M, Xb[:, part]).flatten(2, 3))
         del M
@@ -138,7 +136,7 @@ def ssd_blocks(X, A, B, C, chunk_size, initial_states=None, block=64, groups=1, 
     for i in range(1, k):
         e, rows = i * q, slice(i * q, (i + 1) * q)
         w = flush_tiny(expd(S[..., e - 1:e] - S[..., :e]).to(dtype))
-        Xs = mul_to(Xc[:, :, :e], tok(w), X.dtype)
+        Xs = mul_to(Xc[:, :, :e], tok(w), X.dtype, fuse)
         CB = torch.einsum("bclgn,bcsgn->bcgls", C[:, :, rows], B[:, :, :e])
         Yi = torch.einsum("bcgls,bcsgrp->bclgrp", CB, Xs)
         u = expd(S[..., rows] - S[..., e - 1:e]).to(dtype)

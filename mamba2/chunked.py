@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from .scan import check_ssd_inputs
-from .quadratic import split_heads, mul_to, masked_attention, flush_tiny, states_from_inputs
+from .quadratic import split_heads, mul_to, masked_attention, flush_tiny, per_token, states_from_inputs
 
 # %% ../book/04_chunked.ipynb #423fbc22
 def chunk_inputs(X, A, B, C, chunk_size):
@@ -64,7 +64,7 @@ def diagonal_blocks(A, X, B, C, block, exact=True, overwrite=False):
 # %% ../book/04_chunked.ipynb #822272f8
 def earlier_blocks(Y, S, X, B, C, block, fused=False):
     "Add to `Y` what each token reads from the earlier `block`-token blocks of its chunk, `exp(S_t - S_e) (C B^T)_ts exp(S_e - S_s) X_s`; `S: (b, c, g, r, Q)`."
-    tok = lambda v: v.movedim(-1, -3).unsqueeze(-1).to(Y.dtype)      # (b, c, g, r, Q) -> (b, c, Q, g, r, 1)
+    tok = lambda v: per_token(v).to(Y.dtype)                         # (b, c, g, r, Q) -> (b, c, Q, g, r, 1)
     for e in range(block, X.size(2), block):                        # rows e, e+1, ...; token e-1 splits the decays
         rows = slice(e, e + block)
         Xw = mul_to(X[:, :, :e], flush_tiny(tok(torch.exp(S[..., e - 1:e] - S[..., :e]))), X.dtype, fused)   # column factor
@@ -106,7 +106,7 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     del states, entering                                                            # (peak memory, as below)
     block = chunk_size if torch.compiler.is_compiling() or chunk_size % SUB_BLOCK else SUB_BLOCK
     Y = diagonal_blocks(Ac, Xc, B, C, block, exact=X.dtype not in (torch.float16, torch.bfloat16), overwrite=no_grad)
-    Y = torch.addcmul(Y, C_state, from_start.movedim(-1, -3).unsqueeze(-1))        # float32: steps 1 and 4
+    Y = torch.addcmul(Y, C_state, per_token(from_start))                          # float32: steps 1 and 4
     del C_state
     Y = earlier_blocks(Y, S, Xc, B, C, block, fused=no_grad)
     return Y.flatten(1, 2)[:, :l].flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)
