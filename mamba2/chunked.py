@@ -28,10 +28,10 @@ def pass_states(states, chunk_decay, initial_states):
     return torch.stack(entering, 1), state
 
 # %% ../book/04_chunked.ipynb #7114b874
-def chunk_cumsum(A):
-    "`A_0 + ... + A_j` within each chunk, `A: (..., Q)`, in float64, as a product with a triangular matrix of ones."
-    causal = torch.ones(A.size(-1), A.size(-1), dtype=torch.float64, device=A.device).tril()
-    return A.double() @ causal.T
+def chunk_cumsum(A, dim=-1):
+    "`A_0 + ... + A_j` along `dim` (a chunk's tokens), in float64, as a product with a triangular matrix of ones; laid out as `A`."
+    causal = torch.ones(A.size(dim), A.size(dim), dtype=torch.float64, device=A.device).tril()
+    return A.double() @ causal.T if dim in (-1, A.ndim - 1) else (causal @ A.double().movedim(dim, -2)).movedim(-2, dim)
 
 def chunk_decays(A, exact=True):
     "Within each chunk, `A: (..., Q)`: `L = exp(segsum(A))` on and below the diagonal, `(..., Q, Q)`; the decays from the start and to the end, `(..., Q)` each."
@@ -69,7 +69,12 @@ def earlier_blocks(Y, S, X, B, C, block, fused=False):
         rows = slice(e, e + block)
         Xw = mul_to(X[:, :, :e], flush_tiny(tok(torch.exp(S[..., e - 1:e] - S[..., :e]))), X.dtype, fused)   # column factor
         CB = torch.einsum("...lgn,...sgn->...gls", C[:, :, rows], B[:, :, :e])                        # one per group
-        Y[:, :, rows].addcmul_(torch.einsum("...gls,...sgrp->...lgrp", CB, Xw), tok(torch.exp(S[..., rows] - S[..., e - 1:e])))
+        Yw = (CB @ Xw.movedim(2, 3).flatten(-2)).unflatten(-1, Xw.shape[-2:]).movedim(2, 3)       # (b, c, q, g, r, p)
+        R = tok(torch.exp(S[..., rows] - S[..., e - 1:e]))                                          # row factor
+        if torch.compiler.is_compiling():         # functional: Inductor fuses all blocks and the output into one pass
+            Y = Y + F.pad(Yw * R, (0, 0, 0, 0, 0, 0, e, X.size(2) - e - Yw.size(2)))
+        else:                                     # eager: in place, one pass per block
+            Y[:, :, rows].addcmul_(Yw, R)
     return Y
 
 # %% ../book/04_chunked.ipynb #3f6a8b14
@@ -96,16 +101,19 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     no_grad = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (X, A, B, C, initial_states)))
     dtype = torch.promote_types(X.dtype, torch.float32)            # decays, exponentials and states in >= float32
     Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)  # products in X's dtype, decays in float32
+    exact = X.dtype not in (torch.float16, torch.bfloat16)
+    S = chunk_cumsum(Ac, dim=2)                                     # float64, token-major like X: (b, c, Q, h)
+    _, S = split_heads(Xc, S if exact else S.to(dtype), g)         # half inputs: float32 sums suffice, and cost less
     Xc, Ac = split_heads(Xc, Ac, g)                                 # (b, c, Q, g, r, p), (b, c, g, r, Q)
-    S = chunk_cumsum(Ac)                                            # float64
     from_start, to_end = flush_tiny(torch.exp(S).to(dtype)), torch.exp(S[..., -1:] - S).to(dtype)
     s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
     states = states_from_inputs(to_end, Xc, B, fused=no_grad)
     entering, final_state = pass_states(states, from_start[..., -1], s0.unflatten(1, (g, -1)))
     C_state = torch.einsum("...lgn,...grpn->...lgrp", C, entering.to(C.dtype))    # step 4 before its decay
     del states, entering                                                            # (peak memory, as below)
-    block = chunk_size if torch.compiler.is_compiling() or chunk_size % SUB_BLOCK else SUB_BLOCK
-    Y = diagonal_blocks(Ac, Xc, B, C, block, exact=X.dtype not in (torch.float16, torch.bfloat16), overwrite=no_grad)
+    block = SUB_BLOCK * (2 if torch.compiler.is_compiling() else 1)               # compiled: fewer, larger blocks
+    block = block if chunk_size % block == 0 else chunk_size
+    Y = diagonal_blocks(Ac, Xc, B, C, block, exact, overwrite=no_grad)
     Y = torch.addcmul(Y, C_state, per_token(from_start))                          # float32: steps 1 and 4
     del C_state
     Y = earlier_blocks(Y, S, Xc, B, C, block, fused=no_grad)
