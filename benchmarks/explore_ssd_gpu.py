@@ -13,6 +13,8 @@ and its peak memory above the inputs is recorded. The flags:
   mask      "clamp": exponents clamped to a floor (the floor above the diagonal), "inf": -inf above the diagonal.
 The `blk*` variants are `ssd_blocks` below, the prototype of chapter 4's blocks inside the chunks, e.g.
     --variants kernel,ours,blk64,blk32,blk128 --compiled ours,blk64,blk256,blk256_g2 --profile blk64
+The `r2_*` variants are `ssd_rows2` below, the prototype of chapter 4's compiled path (blocks of rows, the output
+written in one pass), e.g.  --variants kernel --compiled ours,r2_128,r2_128_pad,r2_128_hm --profile r2_128_compiled
 """
 import argparse, math, sys, time, traceback
 from pathlib import Path
@@ -22,8 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root, for mamba2
 from mamba2 import ssd_chunked
-from mamba2.chunked import chunk_inputs, pass_states, chunk_cumsum, diagonal_blocks
-from mamba2.quadratic import split_heads, mul_to, masked_attention, flush_tiny, outputs_from_state, per_token
+from mamba2.chunked import chunk_inputs, pass_states
+from mamba2.quadratic import split_heads, mul_to, flush_tiny, outputs_from_state
 from mamba2.scan import check_ssd_inputs
 from bench_ssd_gpu import make_inputs, bench, graph_ms, peak_mib, rel, env_info, record, save, cuda_profile, Q
 
@@ -144,77 +146,11 @@ def ssd_blocks(X, A, B, C, chunk_size, initial_states=None, block=64, groups=1, 
     return Y.flatten(1, 2)[:, :l].flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)
 
 
-# Row blocks (the candidate for chapter 4's next ssd_chunked): the chunk's rows in `block`-token blocks, each
-# finished in turn, diagonal block + state part + earlier blocks, and written once in the output's dtype:
-#   entering  "C": the states entering chunks written in C's dtype as they are passed (no float32 stack, no copy)
-#   out       write each row block with out= (one rounding, no float32 copy of Y); False: functional, as compiled
-def pass_states_to(states, chunk_decay, initial_states, dtype):
-    "pass_states, with the entering states written in `dtype` as they are passed (float32 arithmetic)."
-    entering = states.new_empty(states.shape, dtype=dtype)
-    state = initial_states
-    for c in range(states.size(1)):
-        entering[:, c] = state
-        state = torch.addcmul(states[:, c], chunk_decay[:, c, :, :, None, None], state)
-    return entering, state
-
-
-def diagonal_cumprod(A, X, B, C):
-    "Step 1 on one diagonal block with L as a cumulative product down each column: `prod_{s < u <= t} exp(A_u)`, 1 above."
-    q = A.size(-1)
-    lower = torch.ones(q, q, dtype=torch.bool, device=A.device).tril(-1)
-    L = torch.cumprod(torch.where(lower, torch.exp(A)[..., :, None], 1.0), dim=-2)       # (b, c, g, r, q, q)
-    return masked_attention(L, X, B, C, overwrite=True)
-
-
-def ssd_rows(X, A, B, C, chunk_size, initial_states=None, block=64, entering_dtype=True, out=True, decays="exp", s32=True):
-    b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
-    no_grad = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (X, A, B, C, initial_states)))
-    fused = no_grad and out and not torch.compiler.is_compiling()
-    dtype = torch.promote_types(X.dtype, torch.float32)
-    Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)
-    Xc, Ac = split_heads(Xc, Ac, g)                                     # (b, c, Q, g, r, p), (b, c, g, r, Q)
-    exact = X.dtype not in (torch.float16, torch.bfloat16)
-    S = chunk_cumsum(Ac) if exact or not s32 else chunk_cumsum(Ac).to(dtype)
-    from_start, to_end = flush_tiny(torch.exp(S).to(dtype)), torch.exp(S[..., -1:] - S).to(dtype)
-    s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
-    Xd = mul_to(Xc, per_token(flush_tiny(to_end)), B.dtype, no_grad)
-    states = torch.einsum("...lgn,...lgrp->...grpn", B, Xd)
-    del Xd
-    if entering_dtype and no_grad and not torch.compiler.is_compiling():
-        entering, final_state = pass_states_to(states, from_start[..., -1], s0.unflatten(1, (g, -1)), C.dtype)
-    else:
-        entering, final_state = pass_states(states.to(dtype), from_start[..., -1], s0.unflatten(1, (g, -1)))
-        entering = entering.to(C.dtype)
-    C_state = torch.einsum("...lgn,...grpn->...lgrp", C, entering)
-    del states, entering
-    Qn = Xc.size(2)
-    q = block if Qn % block == 0 else Qn
-    tok = lambda v: per_token(v).to(dtype)
-    Y = torch.empty_like(Xc) if fused else []
-    for e in range(0, Qn, q):
-        rows = slice(e, e + q)
-        if decays == "cumprod":
-            Yd = diagonal_cumprod(Ac[..., rows], Xc[:, :, rows], B[:, :, rows], C[:, :, rows])
-        else:
-            Yd = diagonal_blocks(Ac[..., rows], Xc[:, :, rows], B[:, :, rows], C[:, :, rows], q, exact, overwrite=no_grad)
-        if fused and not e:
-            torch.addcmul(Yd, C_state[:, :, rows], tok(from_start[..., rows]), out=Y[:, :, rows])
-            continue
-        part = torch.addcmul(Yd, C_state[:, :, rows], tok(from_start[..., rows]))     # float32
-        if e:
-            Xw = mul_to(Xc[:, :, :e], tok(flush_tiny(torch.exp(S[..., e - 1:e] - S[..., :e]))), X.dtype, no_grad)
-            CB = torch.einsum("...lgn,...sgn->...gls", C[:, :, rows], B[:, :, :e])
-            Ye = torch.einsum("...gls,...sgrp->...lgrp", CB, Xw)
-            u = tok(torch.exp(S[..., rows] - S[..., e - 1:e]))
-            if fused:
-                torch.addcmul(part, Ye, u, out=Y[:, :, rows])
-                continue
-            part = torch.addcmul(part, Ye, u)
-        Y.append(part.to(X.dtype))
-    Y = Y if fused else torch.cat(Y, 2)
-    return Y.flatten(1, 2)[:, :l].flatten(-3, -2), final_state.flatten(1, 2)
-
-
+# ssd_rows2's flags:  block  tokens per block of rows;  mask  "inf" or "clamp" (as chapter 4) for the scores;
+#   tm        per-token decays from a token-major cumulative sum (False: the head-major one, viewed per token);
+#   assemble  "cat": each block of rows finished and concatenated; "assign": written into an empty output;
+#             "pad": all diagonal blocks in one product, the earlier blocks added as zero-padded terms;
+#   e16       the entering states stored in C's dtype as they are passed.
 def pass_states_half(states, chunk_decay, initial_states, dtype):
     "pass_states, each entering state stored in `dtype` as it is made (float32 arithmetic)."
     state, entering = initial_states, []
@@ -301,12 +237,6 @@ R2_VARIANTS = {"r2_128": dict(block=128), "r2_64": dict(block=64), "r2_256": dic
                "r2_128_pad_e16": dict(block=128, assemble="pad", e16=True), "r2_64_pad": dict(block=64, assemble="pad")}
 
 
-ROW_VARIANTS = {"rows64": dict(block=64), "rows128": dict(block=128), "rows256": dict(block=256),
-                "rows64_f32e": dict(block=64, entering_dtype=False), "rows64_func": dict(block=64, out=False),
-                "rows32": dict(block=32), "rows64_cp": dict(block=64, decays="cumprod"),
-                "rows256_s64": dict(block=256, s32=False), "rows128_s64": dict(block=128, s32=False)}
-
-
 BLOCK_VARIANTS = {"blk64": dict(block=64), "blk32": dict(block=32), "blk128": dict(block=128),
             "blk64_g2": dict(block=64, groups=2), "blk256": dict(block=256), "blk256_g4": dict(block=256, groups=4),
             "blk64_tm": dict(block=64, tm=True), "blk32_tm": dict(block=32, tm=True), "blk256_g2": dict(block=256, groups=2),
@@ -331,8 +261,6 @@ def main():
         fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_variant(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
     for name, kw in R2_VARIANTS.items():
         fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_rows2(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
-    for name, kw in ROW_VARIANTS.items():
-        fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_rows(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
     for name, kw in BLOCK_VARIANTS.items():
         fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_blocks(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
     try:
