@@ -152,6 +152,23 @@ def test_cpu_segments_change_nothing(l, chunk_size, monkeypatch):
     assert rel_err(Y, Y_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
 
 
+@pytest.mark.parametrize("l, chunk_size, h, g, sub_block", [(37, 8, 4, 2, 2), (49, 12, 4, 4, 2), (300, 256, 4, 1, 64)])
+def test_compiled_path_matches_oracle(l, chunk_size, h, g, sub_block, monkeypatch):
+    "Under torch.compile (one graph): blocks of 2 * SUB_BLOCK, the earlier ones added as padded terms; the oracle's result."
+    import mamba2.chunked
+    monkeypatch.setattr(mamba2.chunked, "SUB_BLOCK", sub_block)   # compiled: 2, 3 and 2 blocks per chunk
+    torch._dynamo.reset()
+    compiled = torch.compile(ssd_chunked, fullgraph=True, dynamic=False)
+    X, A, B, C, s0 = random_inputs(b=2, l=l, h=h, g=g, p=3, n=5, initial_states=True, seed=l)
+    Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
+    Y, s = compiled(X, A, B, C, chunk_size, s0)
+    assert rel_err(Y, Y_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
+    half = (X.bfloat16(), A.float(), B.bfloat16(), C.bfloat16(), chunk_size, s0.float())
+    (Y, s), (Y_eager, s_eager) = compiled(*half), ssd_chunked(*half)
+    assert Y.dtype == torch.bfloat16 and rel_err(Y, Y_ref) < 3e-2 and rel_err(s, s_ref) < 3e-2
+    assert rel_err(Y, Y_eager) < 1e-2 and rel_err(s, s_eager) < 1e-2
+
+
 def test_gradcheck_with_initial_states():
     X, A, B, C, s0 = random_inputs(b=1, l=5, h=2, g=1, p=2, n=2, initial_states=True)
     args = [t.clone().requires_grad_() for t in (X, A, B, C, s0)]
