@@ -69,7 +69,7 @@ def earlier_blocks(Y, S, X, B, C, block, fused=False):
         rows = slice(e, e + block)
         Xw = mul_to(X[:, :, :e], flush_tiny(tok(torch.exp(S[..., e - 1:e] - S[..., :e]))), X.dtype, fused)   # column factor
         CB = torch.einsum("...lgn,...sgn->...gls", C[:, :, rows], B[:, :, :e])                        # one per group
-        Yw = (CB @ Xw.movedim(2, 3).flatten(-2)).unflatten(-1, Xw.shape[-2:]).movedim(2, 3)       # (b, c, q, g, r, p)
+        Yw = (CB @ Xw.movedim(2, 3).flatten(-2)).unflatten(-1, Xw.shape[-2:]).movedim(2, 3)   # (q, e) x (e, r p) per group
         R = tok(torch.exp(S[..., rows] - S[..., e - 1:e]))                                          # row factor
         if torch.compiler.is_compiling():         # functional: Inductor fuses all blocks and the output into one pass
             Y = Y + F.pad(Yw * R, (0, 0, 0, 0, 0, 0, e, X.size(2) - e - Yw.size(2)))
