@@ -29,7 +29,7 @@ def pass_states(states, chunk_decay, initial_states):
 
 # %% ../book/04_chunked.ipynb #7114b874
 def chunk_cumsum(A, dim=-1):
-    "`A_0 + ... + A_j` along `dim` (a chunk's tokens), in float64, as a product with a triangular matrix of ones; laid out as `A`."
+    "`A_0 + ... + A_j` along `dim` (a chunk's tokens), in float64, as a product with a triangular matrix of ones (contiguous for `dim` -1 or -2)."
     causal = torch.ones(A.size(dim), A.size(dim), dtype=torch.float64, device=A.device).tril()
     return A.double() @ causal.T if dim in (-1, A.ndim - 1) else (causal @ A.double().movedim(dim, -2)).movedim(-2, dim)
 
