@@ -169,12 +169,8 @@ def ssd_rows2(X, A, B, C, chunk_size, initial_states=None, block=128, mask="inf"
     Qn, r = Xc.size(2), h // g
     tri = torch.ones(Qn, Qn, dtype=torch.float64, device=X.device).tril()
     S_hm = (Ac.transpose(-1, -2).double() @ tri.T).to(dtype).unflatten(2, (g, r))      # (b, c, g, r, Q)
-    if tm:
-        S_tm = (tri @ Ac.double()).to(dtype)                                            # (b, c, Q, h)
-        tok = lambda v: v.unflatten(-1, (g, r)).unsqueeze(-1)                           # (b, c, Q, g, r, 1)
-    else:
-        S_tm = S_hm.flatten(2, 3).transpose(-1, -2)                                     # a view
-        tok = lambda v: v.unflatten(-1, (g, r)).unsqueeze(-1)
+    S_tm = (tri @ Ac.double()).to(dtype) if tm else S_hm.flatten(2, 3).transpose(-1, -2)   # (b, c, Q, h); hm: a view
+    tok = lambda v: v.unflatten(-1, (g, r)).unsqueeze(-1)                               # (b, c, Q, h) -> (b, c, Q, g, r, 1)
     Xc = Xc.unflatten(-2, (g, r))                                                       # (b, c, Q, g, r, p)
     from_start, to_end = torch.exp(S_tm), torch.exp(S_tm[:, :, -1:] - S_tm)
     Xd = (Xc * tok(to_end)).to(X.dtype)
