@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root, for mamba2
 from mamba2 import ssd_chunked
-import mamba2.chunked
-from mamba2.chunked import chunk_inputs, pass_states, chunk_cumsum, chunk_decays
+from mamba2.chunked import chunk_inputs, pass_states
 from mamba2.quadratic import split_heads, mul_to, flush_tiny, outputs_from_state
 from mamba2.scan import check_ssd_inputs
 from bench_ssd_gpu import make_inputs, bench, graph_ms, peak_mib, rel, env_info, record, save, cuda_profile, Q
@@ -234,18 +233,6 @@ R2_VARIANTS = {"r2_128": dict(block=128), "r2_64": dict(block=64), "r2_256": dic
                "r2_128_pad_e16": dict(block=128, assemble="pad", e16=True), "r2_64_pad": dict(block=64, assemble="pad")}
 
 
-def chunk_decays_inf(A, exact=True):
-    "chunk_decays with -inf above the diagonal for half-precision inputs instead of the floored exponents."
-    if exact:
-        return chunk_decays(A, exact)
-    causal = torch.ones(A.size(-1), A.size(-1), dtype=torch.bool, device=A.device).tril()
-    hi = chunk_cumsum(A).to(A.dtype)
-    return (hi[..., :, None] - hi[..., None, :]).masked_fill_(~causal, -math.inf).exp_(), None, None
-
-
-PATCHES = {"ours_inf": ("chunk_decays", chunk_decays_inf)}    # set in mamba2.chunked from that variant on: run it last
-
-
 BLOCK_VARIANTS = {"blk64": dict(block=64), "blk32": dict(block=32), "blk128": dict(block=128),
             "blk64_g2": dict(block=64, groups=2), "blk256": dict(block=256), "blk256_g4": dict(block=256, groups=4),
             "blk64_tm": dict(block=64, tm=True), "blk32_tm": dict(block=32, tm=True), "blk256_g2": dict(block=256, groups=2),
@@ -266,7 +253,6 @@ def main():
     b, l = map(int, args.shape.split(","))
     x, dt, a, B, C = make_inputs(b, l, torch.bfloat16)
     fns = {"ours": lambda x, dt, a, B, C: ssd_chunked(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)}
-    fns["ours_inf"] = fns["ours"]
     for name, kw in VARIANTS.items():
         fns[name] = (lambda kw: lambda x, dt, a, B, C: ssd_variant(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw))(kw)
     for name, kw in R2_VARIANTS.items():
@@ -287,8 +273,6 @@ def main():
     for v, compiled, no_grad in runs:
         if v not in fns:
             continue
-        if v in PATCHES:
-            setattr(mamba2.chunked, *PATCHES[v])
         r = {"variant": v, "compiled": compiled, "no_grad": no_grad}
         try:
             fn = fns[v]

@@ -22,9 +22,9 @@ def chunk_inputs(X, A, B, C, chunk_size):
 def pass_states(states, chunk_decay, initial_states):
     "Step 3: `S_{c+1} = chunk_decay_c * S_c + states_c`; returns the states entering each chunk and the final state."
     state, entering = initial_states, []                        # states: (b, c, g, r, p, n), chunk_decay: (b, c, g, r)
-    for c in range(states.size(1)):
+    for new, decay in zip(states.unbind(1), chunk_decay[..., None, None].unbind(1)):   # chunk by chunk
         entering.append(state)
-        state = torch.addcmul(states[:, c], chunk_decay[:, c, :, :, None, None], state)
+        state = torch.addcmul(new, decay, state)
     return torch.stack(entering, 1), state
 
 # %% ../book/04_chunked.ipynb #7114b874
@@ -33,32 +33,32 @@ def chunk_cumsum(A, dim=-1):
     causal = torch.ones(A.size(dim), A.size(dim), dtype=torch.float64, device=A.device).tril()
     return A.double() @ causal.T if dim in (-1, A.ndim - 1) else (causal @ A.double().movedim(dim, -2)).movedim(-2, dim)
 
-def chunk_decays(A, exact=True):
-    "Within each chunk, `A: (..., Q)`: `L = exp(segsum(A))` on and below the diagonal, `(..., Q, Q)`; the decays from the start and to the end, `(..., Q)` each."
-    Q, info = A.size(-1), torch.finfo(A.dtype)
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=A.device).tril()
-    S = chunk_cumsum(A)
-    hi = S.to(A.dtype)
+def chunk_decays(S, dtype):
+    "`L = exp(S_t - S_s)` on and below the diagonal, `(..., q, q)` in `dtype`, from cumulative sums `S: (..., q)`; from float64 sums, to float32's precision."
+    q = S.size(-1)
+    causal = torch.ones(q, q, dtype=torch.bool, device=S.device).tril()
+    hi = S.to(dtype)
     L = hi[..., :, None] - hi[..., None, :]
-    if exact:                                                       # S = hi + lo to float64's precision
-        lo = (S - hi).to(A.dtype)
+    if S.dtype != dtype:                                            # S = hi + lo to float64's precision
+        lo = (S - hi).to(dtype)
         L.add_(lo[..., :, None]).sub_(lo[..., None, :])
-    floor = torch.full((Q, Q), math.log(info.tiny / info.eps), dtype=A.dtype, device=A.device)   # also above the diagonal
-    L = L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_()
-    return L, flush_tiny(torch.exp(S).to(A.dtype)), torch.exp(S[..., -1:] - S).to(A.dtype)
+    if S.device.type != "cpu":                                      # a GPU: subnormal numbers cost nothing
+        return L.masked_fill_(~causal, -torch.inf).exp_()
+    floor = torch.full((q, q), math.log(torch.finfo(dtype).tiny / torch.finfo(dtype).eps), dtype=dtype, device=S.device)
+    return L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_()    # a CPU: the floor, also above the diagonal
 
 # %% ../book/04_chunked.ipynb #94402204
 SUB_BLOCK, SCORES_MEMORY = 64, 192 * 2**20      # tokens per diagonal block; bytes of per-head scores at a time
 
-def diagonal_blocks(A, X, B, C, block, exact=True, overwrite=False):
-    "Step 1 on the `block`-token blocks along each chunk's diagonal, `SCORES_MEMORY` at a time; `A: (b, c, g, r, Q)`, `X: (b, c, Q, g, r, p)`."
-    k = A.size(-1) // block
-    Ab = A.unflatten(-1, (k, block)).movedim(-2, 2)                     # (b, c, k, g, r, q)
+def diagonal_blocks(S, X, B, C, block, overwrite=False):
+    "Step 1 on the `block`-token blocks along each chunk's diagonal, `SCORES_MEMORY` at a time; `S: (b, c, g, r, Q)` cumulative sums, `X: (b, c, Q, g, r, p)`."
+    k, dtype = S.size(-1) // block, torch.promote_types(X.dtype, torch.float32)
+    Sb = S.unflatten(-1, (k, block)).movedim(-2, 2)                     # (b, c, k, g, r, q)
     Xb, Bb, Cb = (t.unflatten(2, (k, block)) for t in (X, B, C))      # (b, c, k, q, ...)
-    stored = X.element_size() if torch.compiler.is_compiling() else A.element_size() + X.element_size() * (X.dtype != A.dtype)
-    step = max(1, SCORES_MEMORY // (Ab[:, :1].numel() * block * stored))   # chunks per piece
-    Y = [masked_attention(chunk_decays(Ab[:, i:i + step], exact)[0], Xb[:, i:i + step], Bb[:, i:i + step],
-                          Cb[:, i:i + step], overwrite) for i in range(0, A.size(1), step)]
+    stored = X.element_size() if torch.compiler.is_compiling() else dtype.itemsize + X.element_size() * (X.dtype != dtype)
+    step = max(1, SCORES_MEMORY // (Sb[:, :1].numel() * block * stored))   # chunks per piece
+    Y = [masked_attention(chunk_decays(Sb[:, i:i + step], dtype), Xb[:, i:i + step], Bb[:, i:i + step],
+                          Cb[:, i:i + step], overwrite) for i in range(0, S.size(1), step)]
     return (Y[0] if len(Y) == 1 else torch.cat(Y, 1)).flatten(2, 3)  # (b, c, Q, g, r, p)
 
 # %% ../book/04_chunked.ipynb #822272f8
@@ -103,8 +103,7 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     Xc, Ac, B, C = chunk_inputs(X, A.to(dtype), B, C, chunk_size)  # products in X's dtype, decays in float32
     exact = X.dtype not in (torch.float16, torch.bfloat16)
     S = chunk_cumsum(Ac, dim=2)                                     # float64, token-major like X: (b, c, Q, h)
-    _, S = split_heads(Xc, S if exact else S.to(dtype), g)         # half inputs: float32 sums suffice, and cost less
-    Xc, Ac = split_heads(Xc, Ac, g)                                 # (b, c, Q, g, r, p), (b, c, g, r, Q)
+    Xc, S = split_heads(Xc, S if exact else S.to(dtype), g)        # (b, c, Q, g, r, p), (b, c, g, r, Q); half: float32
     from_start, to_end = flush_tiny(torch.exp(S).to(dtype)), torch.exp(S[..., -1:] - S).to(dtype)
     s0 = Xc.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
     states = states_from_inputs(to_end, Xc, B, fused=no_grad)
@@ -113,7 +112,7 @@ def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     del states, entering                                                            # (peak memory, as below)
     block = SUB_BLOCK * (2 if torch.compiler.is_compiling() else 1)               # compiled: fewer, larger blocks
     block = block if chunk_size % block == 0 else chunk_size
-    Y = diagonal_blocks(Ac, Xc, B, C, block, exact, overwrite=no_grad)
+    Y = diagonal_blocks(S, Xc, B, C, block, overwrite=no_grad)
     Y = torch.addcmul(Y, C_state, per_token(from_start))                          # float32: steps 1 and 4
     del C_state
     Y = earlier_blocks(Y, S, Xc, B, C, block, fused=no_grad)

@@ -67,25 +67,23 @@ def test_float32_long_sequence_is_stable():
 
 
 def test_segment_sums_as_precise_as_the_masked_cumsum():
-    "chunk_decays: exp(segsum) below the diagonal; in float32 as precise as chapter 2's segsum, the cheap form far worse."
+    "chunk_decays: exp(segsum) below the diagonal; from float64 sums, in float32 as precise as chapter 2's segsum, from float32 sums far worse."
     from mamba2 import segsum
-    from mamba2.chunked import chunk_decays
+    from mamba2.chunked import chunk_decays, chunk_cumsum
     A = random_inputs(b=1, l=256, h=4, p=1, g=1, n=1, seed=3)[1].transpose(1, 2) * 8   # (b, h, l), strong decays
-    exact = torch.exp(segsum(A))
-    L64, from_start, to_end = chunk_decays(A)
-    assert torch.allclose(L64.tril(), exact, rtol=1e-12, atol=1e-300)
-    assert torch.allclose(to_end, exact[..., -1, :], rtol=1e-12) and torch.allclose(from_start, torch.exp(A.cumsum(-1)), rtol=1e-12, atol=1e-30)
+    exact, S = torch.exp(segsum(A)), chunk_cumsum(A)
+    assert torch.allclose(chunk_decays(S, torch.float64).tril(), exact, rtol=1e-12, atol=1e-300)
     err = lambda L: (L.double().tril() - exact).abs().max().item()
-    stable, ours, cheap = err(torch.exp(segsum(A.float()))), err(chunk_decays(A.float())[0]), err(chunk_decays(A.float(), exact=False)[0])
+    stable, ours, cheap = err(torch.exp(segsum(A.float()))), err(chunk_decays(S, torch.float32)), err(chunk_decays(S.float(), torch.float32))
     assert ours < 2 * stable and cheap > 5 * ours
 
 
 def test_no_subnormal_decays():
-    "Exponents are floored at log(tiny / eps): L holds no subnormal number, and the floor changes nothing visible."
-    from mamba2.chunked import chunk_decays
+    "On a CPU exponents are floored at log(tiny / eps): L holds no subnormal number, and the floor changes nothing visible."
+    from mamba2.chunked import chunk_decays, chunk_cumsum
     A = -torch.rand(1, 3, 128) * 4                                       # segment sums down to about -500
     for dtype in (torch.float32, torch.float64):
-        L = chunk_decays(A.to(dtype))[0]
+        L = chunk_decays(chunk_cumsum(A.to(dtype)), dtype)
         assert not ((L > 0) & (L < torch.finfo(dtype).tiny)).any() and torch.isfinite(L).all()
     X, A, B, C, s0 = random_inputs(l=300, h=4, g=2, initial_states=True, seed=2)
     A = A * 40                                                           # most decays far below the floor
@@ -167,6 +165,22 @@ def test_compiled_path_matches_oracle(l, chunk_size, h, g, sub_block, monkeypatc
     (Y, s), (Y_eager, s_eager) = compiled(*half), ssd_chunked(*half)
     assert Y.dtype == torch.bfloat16 and rel_err(Y, Y_ref) < 3e-2 and rel_err(s, s_ref) < 3e-2
     assert rel_err(Y, Y_eager) < 1e-2 and rel_err(s, s_eager) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on one by benchmarks/run_gpu.sh)")
+@pytest.mark.parametrize("chunk_size, g, strong", [(64, 2, False), (256, 1, False), (256, 2, True)])
+def test_gpu_path_matches_oracle(chunk_size, g, strong):
+    "On a GPU: -inf above the diagonal and no floor, the whole sequence at once; eager and compiled, the oracle's result."
+    X, A, B, C, s0 = random_inputs(b=2, l=701, h=4, g=g, p=8, n=16, initial_states=True, seed=chunk_size + g)
+    A = A * 40 if strong else A                                          # most decays below float32's floor
+    Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
+    torch._dynamo.reset()
+    compiled = torch.compile(ssd_chunked, fullgraph=True, dynamic=False)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        args = [t.cuda() for t in (X.to(dtype), A.to(torch.promote_types(dtype, torch.float32)), B.to(dtype), C.to(dtype))]
+        for ssd in (ssd_chunked, compiled):
+            Y, s = ssd(*args, chunk_size, s0.cuda().to(args[1].dtype))
+            assert Y.dtype == dtype and rel_err(Y.cpu(), Y_ref) < tol and rel_err(s.cpu(), s_ref) < tol, (dtype, ssd)
 
 
 def test_gradcheck_with_initial_states():
