@@ -3,7 +3,8 @@
 - Colab: the first code cell, removed from the HTML, installs the package when it is not importable;
   nothing else in a chapter downloads anything or touches Google Drive. Exported cells are library code
   (`from_pretrained` may fetch from the Hub when a user asks it to); the one cell that reaches the Hub on
-  purpose (chapter 7's real mamba2-130m, skipped when offline) carries the tag `needs-network`.
+  purpose (chapter 7's real mamba2-130m, skipped when offline) carries the tag `needs-network`. A chapter that
+  reads the committed results files (chapter 8) fetches every one of them in that first cell.
 - Every chapter ends with exercises, whose solutions are in collapsed `hide-cell` cells (nbval runs them).
 """
 import json, re
@@ -57,3 +58,13 @@ def test_chapter_ends_with_exercises(nb):
         f"{nb.name}: everything after '## Exercises' must be solution cells tagged hide-cell")
     n_questions = len(re.findall(r"^\d+\.", cs[heads[-1]][1].split("## Exercises")[-1], re.M))
     assert n_questions >= 1 and len(after) >= n_questions, f"{nb.name}: {n_questions} exercises, {len(after)} solution cells"
+
+
+@pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.name)
+def test_colab_fetches_every_results_file(nb):
+    "A chapter that reads committed results files (`load(...)`) fetches each of them in its Colab cell."
+    code = [src for kind, src, _ in cells(nb) if kind == "code"]
+    read = set(re.findall(r"""\bload\(\s*f?["']([\w.{}-]+\.json)["']""", "\n".join(code[1:])))
+    read = {name for pattern in read for name in ([pattern.replace("{i}", str(i)) for i in (1, 2)] if "{i}" in pattern else [pattern])}
+    fetched = set(re.findall(r"""["']([\w.-]+\.json)["']""", code[0]))
+    assert read <= fetched, f"{nb.name}: results files read but not fetched for Colab: {sorted(read - fetched)}"
