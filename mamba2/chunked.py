@@ -44,7 +44,8 @@ def chunk_decays(S, dtype):
         L.add_(lo[..., :, None]).sub_(lo[..., None, :])
     if S.device.type != "cpu":                                      # a GPU: subnormal numbers cost nothing
         return L.masked_fill_(~causal, -torch.inf).exp_()
-    floor = torch.full((q, q), math.log(torch.finfo(dtype).tiny / torch.finfo(dtype).eps), dtype=dtype, device=S.device)
+    info = torch.finfo(dtype)
+    floor = torch.full((q, q), math.log(info.tiny / info.eps), dtype=dtype, device=S.device)
     return L.clamp_(floor, floor.masked_fill(causal, torch.inf)).exp_()    # a CPU: the floor, also above the diagonal
 
 # %% ../book/04_chunked.ipynb #94402204

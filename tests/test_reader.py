@@ -64,7 +64,9 @@ def test_chapter_ends_with_exercises(nb):
 def test_colab_fetches_every_results_file(nb):
     "A chapter that reads committed results files (`load(...)`) fetches each of them in its Colab cell."
     code = [src for kind, src, _ in cells(nb) if kind == "code"]
-    read = set(re.findall(r"""\bload\(\s*f?["']([\w.{}-]+\.json)["']""", "\n".join(code[1:])))
-    read = {name for pattern in read for name in ([pattern.replace("{i}", str(i)) for i in (1, 2)] if "{i}" in pattern else [pattern])}
+    loads = re.findall(r"""\bload\(\s*(f?)["']([^"']+)["']""", "\n".join(code[1:]))
+    formatted = [name for f, name in loads if f]
+    assert not formatted, f"{nb.name}: name results files literally, not with f-strings: {formatted}"
+    read = {name for _, name in loads}
     fetched = set(re.findall(r"""["']([\w.-]+\.json)["']""", code[0]))
     assert read <= fetched, f"{nb.name}: results files read but not fetched for Colab: {sorted(read - fetched)}"
