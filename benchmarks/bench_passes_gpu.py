@@ -1,0 +1,67 @@
+"""What eager `ssd_chunked` cannot avoid on one GPU: the cost of each elementwise pass it needs, at (8, 4k).
+
+Run by `benchmarks/run_gpu.sh` (PARTS=passes). Chapter 8 reads the results to bound eager PyTorch's GPU
+time for chapter 4's design from below. Every pass is one PyTorch operation on tensors of the suite's
+shapes (h=24, p=64, n=128, Q=256, bf16 inputs, decays float32, diagonal blocks of 64 tokens), timed
+alone as GPU time (the median replay of a CUDA graph of it), beside the same run's GPU times of
+mamba_ssm's kernel and of eager `ssd_chunked`, and the matrix products' FLOPs at the measured bf16 rate.
+"""
+import argparse, json, math
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mamba2
+from mamba2.chunked import SUB_BLOCK, chunk_cumsum, chunk_inputs
+from mamba2.quadratic import mul_to, per_token, split_heads
+from bench_ssd_gpu import H, P, Q, ceilings, env_info, graph_ms, make_inputs
+
+
+def passes(X, A, B, C, q=SUB_BLOCK):
+    "The passes, each a zero-argument callable on tensors laid out as `ssd_chunked` lays them out."
+    Xc, Ac, Bc, Cc = chunk_inputs(X, A, B, C, Q)                       # (b, c, Q, ...)
+    Xc, S = split_heads(Xc, chunk_cumsum(Ac, dim=2).float(), 1)      # (b, c, Q, g, r, p), (b, c, g, r, Q)
+    decay = per_token(torch.exp(S[..., -1:] - S))                    # (b, c, Q, g, r, 1), float32
+    Sb = S.unflatten(-1, (Q // q, q)).movedim(-2, 2).contiguous()     # (b, c, k, g, r, q)
+    L = Sb[..., :, None] - Sb[..., None, :]                          # the per-head scores, float32
+    CB = torch.randn(L.shape[:4] + (1, q, q), device=X.device, dtype=X.dtype)   # shared by the heads of a group
+    causal = torch.ones(q, q, dtype=torch.bool, device=X.device).tril()
+    Xh = Xc.unflatten(2, (Q // q, q)).movedim(3, -2)                  # (b, c, k, g, r, q, p) view
+    M, Xh_copy, Y = mul_to(L, CB, X.dtype), Xh.contiguous(), Xc.clone()
+    return {
+        "copy": lambda: Y.copy_(Xc),                                  # the plain pass: contiguous, one dtype
+        "token": lambda: mul_to(Xc, decay, X.dtype, fused=True),       # X times a float32 decay per token and head
+        "token_bf16": lambda: Xc * decay.to(X.dtype),                  # the same with the decay rounded to bf16
+        "accumulate": lambda: torch.addcmul(Y, Xc, decay),             # the output plus a decayed term, in float32
+        "permute": lambda: Xh.contiguous(),                            # X head-major, for the per-head products
+        "outer": lambda: Sb[..., :, None] - Sb[..., None, :],          # scores: the decays' outer difference
+        "mask": lambda: L.masked_fill_(~causal, -math.inf),            # above the diagonal
+        "exp": lambda: L.exp_(),
+        "weight": lambda: mul_to(L, CB, X.dtype, fused=True),          # times C B^T, rounded to bf16 once
+        "product": lambda: M @ Xh_copy,                                # the diagonal blocks' products
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="passes_gpu.json")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, dt, a, B, C = make_inputs(8, 4096, torch.bfloat16)
+    X, A = x * dt[..., None].to(x.dtype), dt * a
+    res = {"env": env_info(), "shape": dict(b=8, l=4096, h=H, p=P, chunk_size=Q, block=SUB_BLOCK), "ceilings": ceilings()}
+    res["us"] = {k: graph_ms(fn) * 1e3 for k, fn in passes(X, A, B, C).items()}
+    with torch.no_grad():
+        eager = lambda: mamba2.ssd_chunked(X, A, B, C, Q)
+        res["us"]["eager"] = graph_ms(eager) * 1e3
+        with FlopCounterMode(display=False) as flops:
+            eager()
+        res["eager_flops"] = flops.get_total_flops()
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    res["us"]["kernel"] = graph_ms(lambda: mamba_chunk_scan_combined(x, dt, a, B, C, chunk_size=Q, return_final_states=True)) * 1e3
+    json.dump(res, open(args.out, "w"), indent=1)
+    print(json.dumps(res["us"], indent=1), res["eager_flops"], res["ceilings"])
+
+
+if __name__ == "__main__":
+    main()
