@@ -19,22 +19,24 @@ from bench_ssd_gpu import H, P, Q, ceilings, env_info, graph_ms, make_inputs
 
 def passes(X, A, B, C, q=SUB_BLOCK):
     "The passes, each a zero-argument callable on tensors laid out as `ssd_chunked` lays them out."
-    Xc, Ac, Bc, Cc = chunk_inputs(X, A, B, C, Q)                       # (b, c, Q, ...)
+    Xc, Ac, *_ = chunk_inputs(X, A, B, C, Q)                           # (b, c, Q, ...)
     Xc, S = split_heads(Xc, chunk_cumsum(Ac, dim=2).float(), 1)      # (b, c, Q, g, r, p), (b, c, g, r, Q)
     decay = per_token(torch.exp(S[..., -1:] - S))                    # (b, c, Q, g, r, 1), float32
     Sb = S.unflatten(-1, (Q // q, q)).movedim(-2, 2).contiguous()     # (b, c, k, g, r, q)
-    L = Sb[..., :, None] - Sb[..., None, :]                          # the per-head scores, float32
+    outer = lambda: Sb[..., :, None] - Sb[..., None, :]              # the decays' outer difference, float32
+    L = outer()                                                      # the per-head scores, before the passes below
     CB = torch.randn(L.shape[:4] + (1, q, q), device=X.device, dtype=X.dtype)   # shared by the heads of a group
     causal = torch.ones(q, q, dtype=torch.bool, device=X.device).tril()
     Xh = Xc.unflatten(2, (Q // q, q)).movedim(3, -2)                  # (b, c, k, g, r, q, p) view
-    M, Xh_copy, Y = mul_to(L, CB, X.dtype), Xh.contiguous(), Xc.clone()
+    permute = lambda: Xh.contiguous()                                # X head-major, for the per-head products
+    M, Xh_copy, Y = mul_to(L, CB, X.dtype), permute(), Xc.clone()
     return {
         "copy": lambda: Y.copy_(Xc),                                  # the plain pass: contiguous, one dtype
         "token": lambda: mul_to(Xc, decay, X.dtype, fused=True),       # X times a float32 decay per token and head
         "token_bf16": lambda: Xc * decay.to(X.dtype),                  # the same with the decay rounded to bf16
         "accumulate": lambda: torch.addcmul(Y, Xc, decay),             # the output plus a decayed term, in float32
-        "permute": lambda: Xh.contiguous(),                            # X head-major, for the per-head products
-        "outer": lambda: Sb[..., :, None] - Sb[..., None, :],          # scores: the decays' outer difference
+        "permute": permute,
+        "outer": outer,                                                # scores: the decays' outer difference
         "mask": lambda: L.masked_fill_(~causal, -math.inf),            # above the diagonal
         "exp": lambda: L.exp_(),
         "weight": lambda: mul_to(L, CB, X.dtype, fused=True),          # times C B^T, rounded to bf16 once

@@ -9,6 +9,7 @@
 # kernel profile), passes_gpu.json (the elementwise passes of eager ssd_chunked), model_gpu.json (block, LM forward, decoding, step) and their logs; then plots with plot.py.
 set -uo pipefail
 OUT=${1:-benchmarks/results}
+PARTS=${PARTS:-ssd,model,passes}    # which parts to run (comma-separated): all three by default
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 REPO=$(pwd)
@@ -31,16 +32,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 #    VARIANTS overrides the list (`next`: a package mamba2_next beside mamba2, a version not yet committed).
 A=8x4k
 VARIANTS=${VARIANTS:-"kernel,minimal,chunked,chunked_compiled,hf@$A,cand@$A,cand_compiled@$A,cand_f32@$A,cand_f32_compiled@$A,cand_stable@$A,cand_stable_compiled@$A,cand_matrix@$A,cand_matrix_compiled@$A"}
-if [[ ",${PARTS:-ssd,model,passes}," == *",ssd,"* ]]; then
+if [[ ",$PARTS," == *",ssd,"* ]]; then
   PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" --shapes 8x4k,8x1k,2x16k,1x64k \
     --variants "$VARIANTS" --profile "${PROFILE:-chunked}" 2>&1 | tee "$OUT/ssd_gpu.log"
 fi
 # 2. the cost of each elementwise pass eager ssd_chunked needs, at (8, 4k), beside the kernel (chapter 8's floor for eager)
-if [[ ",${PARTS:-ssd,model,passes}," == *",passes,"* ]]; then
+if [[ ",$PARTS," == *",passes,"* ]]; then
   PYTHONPATH="$REPO:$REPO/benchmarks:$MSDIR" python3 benchmarks/bench_passes_gpu.py --out "$OUT/passes_gpu.json" 2>&1 | tee "$OUT/passes_gpu.log"
 fi
 # 3. the block, the model, decoding: transformers without mamba_ssm on the path, so it runs its own PyTorch code
-if [[ ",${PARTS:-ssd,model,passes}," == *",model,"* ]]; then
+if [[ ",$PARTS," == *",model,"* ]]; then
   PYTHONPATH="$REPO" python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --compile --out "$OUT/model_gpu.json" \
     --packages "${MAMBA2_PACKAGES:-mamba2}" 2>&1 | tee "$OUT/model_gpu.log"
 fi
