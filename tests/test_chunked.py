@@ -100,6 +100,8 @@ def test_inference_mode_gives_the_same_result():
         Y, s = ssd_chunked(args[0], A.float(), args[1], args[2], 128, s0.float())
         with torch.no_grad():
             Y2, s2 = ssd_chunked(args[0], A.float(), args[1], args[2], 128, s0.float())
+        # bit for bit on any machine: the two paths differ only in where elementwise products are
+        # written (in place, or into an out= tensor), not in what is computed or summed
         assert Y.requires_grad and torch.equal(Y.detach(), Y2) and torch.equal(s.detach(), s2)
 
 
@@ -126,7 +128,9 @@ def test_scores_budget_changes_nothing(monkeypatch):
     Y, s = ssd_chunked(X, A, B, C, 16, s0)
     monkeypatch.setattr(mamba2.chunked, "SCORES_MEMORY", 1)
     Y1, s1 = ssd_chunked(X, A, B, C, 16, s0)
-    assert torch.equal(Y, Y1) and torch.equal(s, s1)
+    # one batched product over all chunks vs one per chunk: another batch count, which a library
+    # may sum in another order; float64, so the two agree to ~1e-16 of the result's size
+    assert rel_err(Y1, Y) < 1e-13 and rel_err(s1, s) < 1e-13
 
 
 def test_gradcheck_blocks_inside_chunks(monkeypatch):

@@ -31,7 +31,11 @@ def test_prefill_then_steps_equals_parallel_forward(variant, L):
         cache = fresh(block, 2)
         ys = [block(u[:, :L], cache=cache)] + [block.step(u[:, t:t + 1], cache) for t in range(L, L + K)]
     assert rel_err(torch.cat(ys, 1), y_all) < 1e-5
-    assert rel_err(cache.ssm_state, whole.ssm_state) < 1e-5 and torch.equal(cache.conv_state, whole.conv_state)
+    # conv_state holds in_proj outputs: the prefill's last rows come from one matmul over many rows,
+    # the steps' from one-row matmuls, which some CPUs sum in another order (AVX2 MKL: ~2e-7 apart).
+    # A d_model = 32 term float32 dot product rounds to within ~32 * 6e-8 of its size: 1e-6 holds.
+    assert rel_err(cache.ssm_state, whole.ssm_state) < 1e-5
+    assert rel_err(cache.conv_state, whole.conv_state) < 1e-6
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -57,7 +61,7 @@ def test_split_prefill_equals_one_prefill(split):
         y_one = block(u, cache=one)
         y_two = torch.cat([block(u[:, :split], cache=two), block(u[:, split:], cache=two)], 1)
     assert rel_err(y_two, y_one) < 1e-5 and rel_err(two.ssm_state, one.ssm_state) < 1e-5
-    assert torch.equal(two.conv_state, one.conv_state)
+    assert rel_err(two.conv_state, one.conv_state) < 1e-6   # in_proj over other row counts, as above
 
 
 def test_cache_layout_and_alloc():
@@ -72,7 +76,8 @@ def test_cache_layout_and_alloc():
         block(u, cache=cache)
         pre = block.in_proj(u)[..., cfg.d_inner:cfg.d_inner + block.conv_dim]   # pre-activation x, B, C
     assert torch.equal(cache.conv_state[..., :2], torch.zeros(3, block.conv_dim, 2))
-    assert torch.allclose(cache.conv_state[..., 2:], pre.transpose(1, 2), rtol=0, atol=0)
+    # the same in_proj call on the same (3, 2, d_model) input: a copy of its output, bit for bit
+    assert torch.equal(cache.conv_state[..., 2:], pre.transpose(1, 2))
 
 
 def test_step_is_in_place_and_constant_size():
