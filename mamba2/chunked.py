@@ -57,7 +57,7 @@ def diagonal_blocks(S, X, B, C, block, overwrite=False):
     Sb = S.unflatten(-1, (k, block)).movedim(-2, 2)                     # (b, c, k, g, r, q)
     Xb, Bb, Cb = (t.unflatten(2, (k, block)) for t in (X, B, C))      # (b, c, k, q, ...)
     stored = X.element_size() if torch.compiler.is_compiling() else dtype.itemsize + X.element_size() * (X.dtype != dtype)
-    step = max(1, SCORES_MEMORY // (Sb[:, :1].numel() * block * stored))   # chunks per piece
+    step = max(1, SCORES_MEMORY // max(1, Sb[:, :1].numel() * block * stored))   # chunks per piece
     Y = [masked_attention(chunk_decays(Sb[:, i:i + step], dtype), Xb[:, i:i + step], Bb[:, i:i + step],
                           Cb[:, i:i + step], overwrite) for i in range(0, S.size(1), step)]
     return (Y[0] if len(Y) == 1 else torch.cat(Y, 1)).flatten(2, 3)  # (b, c, Q, g, r, p)
@@ -94,8 +94,11 @@ def ssd_in_segments(ssd, X, A, B, C, chunk_size, initial_states, segment):
 def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
     "Chunked SSD: quadratic form within chunks of `chunk_size`, recurrence across them; exact for any length; `(Y, final_state)`."
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = min(chunk_size, max(l, 1))             # a chunk never longer than the sequence
     segment = max(1, CPU_SEGMENT_TOKENS // chunk_size) * chunk_size               # whole chunks, about 512 tokens
     if X.device.type == "cpu" and l > segment:                                      # a CPU: one cache-sized piece at a time
         return ssd_in_segments(ssd_chunked, X, A, B, C, chunk_size, initial_states, segment)

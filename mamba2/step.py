@@ -7,7 +7,7 @@ __all__ = ['InferenceCache', 'check_step_input']
 from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
-from .block import Mamba2, discretize
+from .block import Mamba2, check_block_input, check_cache, discretize
 
 # %% ../book/06_step.ipynb #c40e0df6
 @dataclass
@@ -19,6 +19,9 @@ class InferenceCache:
     @classmethod
     def alloc(cls, batch_size, config, device=None, dtype=None):
         "The state before any token (zeros) for `batch_size` sequences of a block with `config`."
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise (TypeError if type(batch_size) is not int else ValueError)(
+                f"batch_size must be a non-negative integer, got {batch_size!r}")
         dtype = dtype or torch.get_default_dtype()
         conv_dim = config.d_inner + 2 * config.ngroups * config.d_state
         return cls(torch.zeros(batch_size, conv_dim, config.d_conv, device=device, dtype=dtype),
@@ -27,14 +30,12 @@ class InferenceCache:
 
 # %% ../book/06_step.ipynb #67c49778
 def check_step_input(u, cache, block):
-    "Raise a `ValueError` unless `u: (b, 1, d_model)` and `cache` fit `block`."
-    b, c = u.shape[0] if u.ndim else 0, block.config
-    if u.ndim != 3 or u.shape[1:] != (1, c.d_model) or not u.is_floating_point():
-        raise ValueError(f"step takes one token u: (b, 1, d_model = {c.d_model}), got {tuple(u.shape)} {u.dtype}")
-    want = {"conv_state": (b, block.conv_dim, c.d_conv), "ssm_state": (b, c.nheads, c.headdim, c.d_state)}
-    for name, shape in want.items():
-        if tuple(getattr(cache, name).shape) != shape:
-            raise ValueError(f"cache.{name} must have shape {shape} for this block and batch, got {tuple(getattr(cache, name).shape)}")
+    "Raise a `TypeError` or `ValueError` unless `u: (b, 1, d_model)` and `cache` fit `block`."
+    b, l = check_block_input(u, block)
+    if l != 1:
+        raise ValueError(f"step takes one token u: (b, 1, d_model = {block.config.d_model}), "
+                         f"got {tuple(u.shape)}")
+    check_cache(block, cache, b)
 
 # %% ../book/06_step.ipynb #f7ec7a30
 def _step(self, u, cache):
@@ -47,13 +48,14 @@ def _step(self, u, cache):
     xBC = (window * self.conv1d.weight[:, 0].to(dtype)).sum(-1)                          # (b, conv_dim)
     xBC = F.silu(xBC if self.conv1d.bias is None else xBC + self.conv1d.bias.to(dtype))
     x, B, C = xBC.split([c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-    x, B, C = x.view(b, c.ngroups, -1, c.headdim), B.view(b, c.ngroups, 1, 1, c.d_state), C.view(b, c.ngroups, c.d_state, 1)
-    dt, A = (t.view(b, c.ngroups, -1, 1, 1) for t in discretize(dt, self.dt_bias, self.A_log, c.dt_limit))  # (b, g, h/g, 1, 1)
-    state = cache.ssm_state.view(b, c.ngroups, -1, c.headdim, c.d_state)                 # heads of a group share B, C
+    g, r = c.ngroups, c.nheads // c.ngroups                                              # r heads per group
+    x, B, C = x.view(b, g, r, c.headdim), B.view(b, g, 1, 1, c.d_state), C.view(b, g, c.d_state, 1)
+    dt, A = (t.view(b, g, r, 1, 1) for t in discretize(dt, self.dt_bias, self.A_log, c.dt_limit))
+    state = cache.ssm_state.view(b, g, r, c.headdim, c.d_state)                          # heads of a group share B, C
     if torch.is_grad_enabled():
         state = state.clone()                # autograd keeps it for backward; the cache gets the new values below
     state.mul_(A.exp()).addcmul_(x[..., None] * dt, B)                                   # e^{dt A} H + (dt x) B^T, in place
-    y = (state.flatten(2, 3) @ C).view_as(x) + x * self.D.to(dtype).view(c.ngroups, -1, c.headdim if c.D_has_hdim else 1)
+    y = (state.flatten(2, 3) @ C).view_as(x) + x * self.D.to(dtype).view(g, r, -1)     # + D x
     cache.conv_state.copy_(window.detach())                                              # values, no graph
     if torch.is_grad_enabled():
         cache.ssm_state.copy_(state.detach().flatten(1, 2))

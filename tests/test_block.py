@@ -148,17 +148,30 @@ def test_follows_the_input_device():
 
 
 BAD_CONFIGS = {
-    "d_model": dict(d_model=0), "n_layer": dict(n_layer=-1), "d_state": dict(d_state=2.5), "d_conv": dict(d_conv=0),
-    "expand": dict(expand=True), "headdim": dict(headdim=7), "ngroups": dict(ngroups=3), "chunk_size": dict(chunk_size=0),
+    "d_model": dict(d_model=0), "n_layer": dict(n_layer=-1), "d_conv": dict(d_conv=0),
+    "headdim": dict(headdim=7), "ngroups": dict(ngroups=3), "chunk_size": dict(chunk_size=0),
     "vocab_size": dict(vocab_size=0), "A_init_range": dict(A_init_range=(5, 2)), "dt_min": dict(dt_min=0.2),
     "dt_init_floor": dict(dt_init_floor=-1.0), "dt_limit": dict(dt_limit=(0.5, 0.1)),
+    "dt_max": dict(dt_max=float("inf")), "dt_limit ": dict(dt_limit=(0.0, float("nan"))),
+}
+BAD_CONFIG_TYPES = {
+    "d_state": dict(d_state=2.5), "expand": dict(expand=True), "d_model": dict(d_model="32"),
+    "A_init_range": dict(A_init_range=1), "dt_limit": dict(dt_limit=(0.0, 1.0, 2.0)),
+    "dt_min": dict(dt_min="0.001"), "norm_before_gate": dict(norm_before_gate="no"),
+    "bias": dict(bias=1), "headdim": dict(headdim=None),
 }
 
 
 @pytest.mark.parametrize("field", BAD_CONFIGS)
 def test_bad_config_names_the_field(field):
-    with pytest.raises(ValueError, match=f"Mamba2Config.{field}"):
+    with pytest.raises(ValueError, match=f"Mamba2Config.{field.strip()}"):
         Mamba2Config(**{**SMALL, **BAD_CONFIGS[field]})
+
+
+@pytest.mark.parametrize("field", BAD_CONFIG_TYPES)
+def test_config_of_the_wrong_type_names_the_field(field):
+    with pytest.raises(TypeError, match=f"Mamba2Config.{field} must be"):
+        Mamba2Config(**{**SMALL, **BAD_CONFIG_TYPES[field]})
 
 
 def test_config_round_trips_through_json():
@@ -169,8 +182,11 @@ def test_config_round_trips_through_json():
 
 def test_bad_input_raises():
     block = Mamba2(Mamba2Config(**SMALL))
-    for u in (torch.randn(2, 5, 31), torch.randn(5, 32), torch.ones(2, 5, 32, dtype=torch.long)):
-        with pytest.raises(ValueError, match="u must be"):
+    for u in (torch.randn(2, 5, 31), torch.randn(5, 32)):
+        with pytest.raises(ValueError, match="u must have shape"):
+            block(u)
+    for u in (torch.ones(2, 5, 32, dtype=torch.long), [[0.0] * 32]):
+        with pytest.raises(TypeError, match="u must be a floating-point tensor"):
             block(u)
     cache = type("Cache", (), {})()
     cache.conv_state, cache.ssm_state = torch.zeros(2, block.conv_dim, 4), torch.zeros(2, 8, 8, 8)

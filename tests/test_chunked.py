@@ -193,10 +193,11 @@ def test_gradcheck_with_initial_states():
     assert torch.autograd.gradcheck(lambda X, A, B, C, s0: ssd_chunked(X, A, B, C, 2, s0), args)
 
 
-@pytest.mark.parametrize("chunk_size", [0, -3, 2.0, True, None])
-def test_bad_chunk_size(chunk_size):
+@pytest.mark.parametrize("chunk_size, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
+                                               (True, TypeError), (None, TypeError), ("8", TypeError)])
+def test_bad_chunk_size(chunk_size, error):
     X, A, B, C, _ = random_inputs(l=9)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(error, match=f"chunk_size must be a positive integer, got {chunk_size!r}"):
         ssd_chunked(X, A, B, C, chunk_size)
 
 

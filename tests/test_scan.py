@@ -40,16 +40,21 @@ def test_scan_length_zero_returns_initial_state():
     assert Y.shape == (2, 0, 4, 8) and torch.equal(s, s0)
 
 
+V, T = ValueError, TypeError
 BAD = {
-    "X rank": (lambda X, A, B, C, s: (X[0], A, B, C, s), "X must have shape"),
-    "A shape": (lambda X, A, B, C, s: (X, A[:, :, :2], B, C, s), "A must have shape"),
-    "B vs C": (lambda X, A, B, C, s: (X, A, B, C[..., :3], s), "B and C"),
-    "B length": (lambda X, A, B, C, s: (X, A, B[:, :5], C[:, :5], s), "B and C"),
-    "groups": (lambda X, A, B, C, s: (X, A, torch.cat([B, B[:, :, :1]], 2), torch.cat([C, C[:, :, :1]], 2), s), "divisible"),
-    "state shape": (lambda X, A, B, C, s: (X, A, B, C, s[:, :, :2]), "initial_states must have shape"),
-    "dtype mix": (lambda X, A, B, C, s: (X.float(), A, B, C, s), "share a dtype"),
-    "integer": (lambda X, A, B, C, s: (X, A, B.long(), C, s), "floating-point"),
-    "not a tensor": (lambda X, A, B, C, s: (X.tolist(), A, B, C, s), "X must be"),
+    "X rank": (lambda X, A, B, C, s: (X[0], A, B, C, s), V, "X must have shape"),
+    "A shape": (lambda X, A, B, C, s: (X, A[:, :, :2], B, C, s), V, "A must have shape"),
+    "B vs C": (lambda X, A, B, C, s: (X, A, B, C[..., :3], s), V, "B and C"),
+    "B length": (lambda X, A, B, C, s: (X, A, B[:, :5], C[:, :5], s), V, "B and C"),
+    "groups": (lambda X, A, B, C, s: (X, A, torch.cat([B, B[:, :, :1]], 2), torch.cat([C, C[:, :, :1]], 2), s),
+               V, "divisible"),
+    "state shape": (lambda X, A, B, C, s: (X, A, B, C, s[:, :, :2]), V, "initial_states must have shape"),
+    "dtype mix": (lambda X, A, B, C, s: (X.float(), A, B, C, s), V, "share a dtype"),
+    "integer": (lambda X, A, B, C, s: (X, A, B.long(), C, s), T, "B must be a floating-point"),
+    "not a tensor": (lambda X, A, B, C, s: (X.tolist(), A, B, C, s), T, "X must be a floating-point"),
+    "complex": (lambda X, A, B, C, s: (X, A.cfloat(), B, C, s), T, "A must be a floating-point"),
+    "state not a tensor": (lambda X, A, B, C, s: (X, A, B, C, s.tolist()), T, "initial_states must be None"),
+    "integer state": (lambda X, A, B, C, s: (X, A, B, C, s.long()), T, "initial_states must be None"),
 }
 
 
@@ -60,7 +65,8 @@ ALGORITHMS = {"scan": ssd_scan, "quadratic": ssd_quadratic, "chunked": lambda X,
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_names_the_problem(case, algorithm):
-    make, message = BAD[case]
+    "Wrong kinds of input raise a TypeError, wrong shapes a ValueError, each naming the argument."
+    make, error, message = BAD[case]
     args = make(*random_inputs(l=9, initial_states=True))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         ALGORITHMS[algorithm](*args[:4], initial_states=args[4])
