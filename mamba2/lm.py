@@ -571,8 +571,8 @@ def prepare(args):
         raise ValueError(f"--prompt {args.prompt!r} gives no tokens: give some text")
     vocab, eos = model.config.vocab_size, tokenizer.eos_token_id
     if ((ids < 0) | (ids >= vocab)).any() or not (eos is None or 0 <= eos < vocab):
-        raise ValueError(f"the tokenizer does not fit: ids {ids[0, :8].tolist()} "
-                         f"(end of text {eos}) must be below its vocab_size {vocab}")
+        raise ValueError(f"the tokenizer does not fit the model ({vocab} tokens): ids "
+                         f"{ids[0, :8].tolist()}, end of text {eos}")
     seed = args.seed
     seed = None if seed is None else torch.Generator(args.device).manual_seed(seed)
     return model, tokenizer, ids.to(args.device), seed
