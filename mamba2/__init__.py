@@ -9,5 +9,7 @@ from .segsum import *  # noqa: F401,F403
 from .quadratic import *  # noqa: F401,F403
 from .chunked import *  # noqa: F401,F403
 from .block import *  # noqa: F401,F403
+from .ssd import *  # noqa: F401,F403
 from .step import *  # noqa: F401,F403
 from .lm import *  # noqa: F401,F403
+from .fast import *  # noqa: F401,F403

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mamba2 import InferenceCache, Mamba2, Mamba2Config, ssd_chunked, ssd_quadratic, ssd_scan
+from mamba2 import InferenceCache, Mamba2, Mamba2Config, ssd, ssd_chunked, ssd_quadratic, ssd_scan
 from block_oracle import randomize_, reference_block
 from oracle import naive_ssd, random_inputs, rel_err
 
@@ -106,18 +106,29 @@ def test_step_rejects_more_than_one_token_and_changes_nothing():
     assert torch.equal(cache.conv_state, before)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "fast"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["X", "A", "B", "C"])
-def test_a_non_finite_input_spoils_its_chunk_and_what_follows_not_what_came_before(bad, where):
+def test_a_non_finite_input_spoils_its_chunk_and_what_follows_not_what_came_before(impl, bad, where):
     "The promise of chapter 4: earlier chunks unchanged; from the bad token's chunk on, not finite."
     inputs = dict(zip("XABC", random_inputs(b=1, l=40, h=2, g=1, p=2, n=3)[:4]))
-    Y_clean, _ = ssd_chunked(*inputs.values(), 16)
+    Y_clean, _ = ssd(*inputs.values(), 16, impl=impl)
     inputs[where] = inputs[where].clone()
-    inputs[where][0, 21] = -bad if where == "A" else bad             # token 21, in chunk 1 (16..31)
-    Y, s = ssd_chunked(*inputs.values(), 16)
+    inputs[where][0, 21] = bad                                       # token 21, in chunk 1 (16..31)
+    Y, s = ssd(*inputs.values(), 16, impl=impl)
     assert rel_err(Y[:, :16], Y_clean[:, :16]) < 1e-15 and not Y[0, 21].isfinite().all()
     if where != "C":                                                   # C_t only reads the state at t
         assert not Y[0, 21:].isfinite().all(-1).all(-1).any() and not s.isfinite().all()
+
+
+def test_a_decay_of_zero_resets_the_state_in_the_plain_path():
+    "A = -inf (a decay of exactly 0): chapter 4's masked sums handle it as the scan does."
+    X, A, B, C, _ = random_inputs(b=1, l=40, h=2, g=1, p=2, n=3)
+    A = A.clone()
+    A[0, 21] = -float("inf")
+    Y, s = ssd_chunked(X, A, B, C, 16)
+    Y_ref, s_ref = ssd_scan(X, A, B, C)
+    assert rel_err(Y, Y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
 
 
 def test_a_non_finite_input_in_the_block():
