@@ -1,8 +1,3 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from oracle import ...`
-
 import torch
 
 # PyTorch 2.13 on a CPU: in about one process in six, the first multi-threaded call of `exp` returns values far
