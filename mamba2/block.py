@@ -8,12 +8,13 @@ __all__ = ['check_config_values', 'check_config', 'Mamba2Config', 'causal_conv',
 import math
 from dataclasses import dataclass, fields
 import torch
+from torch import Tensor
 import torch.nn.functional as F
 from torch import nn
 from .ssd import IMPLEMENTATIONS, ssd
 
 # %% ../book/05_block.ipynb #79498148
-def check_config_values(c):
+def check_config_values(c: "Mamba2Config") -> None:
     "Raise a `ValueError` naming the first field of `c` whose value does not fit the others."
     if c.d_inner % c.headdim:
         raise ValueError(f"Mamba2Config.headdim = {c.headdim} must divide "
@@ -33,7 +34,7 @@ def check_config_values(c):
         raise ValueError(f"Mamba2Config.dt_limit must satisfy 0 <= low < high, got {c.dt_limit}")
 
 # %% ../book/05_block.ipynb #5ae2f86d
-def check_config(c):
+def check_config(c: "Mamba2Config") -> None:
     "Raise a `TypeError` or `ValueError` naming the first field of `Mamba2Config` `c` that is invalid."
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     pair = lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(map(number, v))
@@ -83,13 +84,14 @@ class Mamba2Config:
         self.A_init_range, self.dt_limit = tuple(self.A_init_range), tuple(self.dt_limit)  # JSON lists
 
     @property
-    def d_inner(self): return self.expand * self.d_model
+    def d_inner(self) -> int: return self.expand * self.d_model
 
     @property
-    def nheads(self): return self.d_inner // self.headdim
+    def nheads(self) -> int: return self.d_inner // self.headdim
 
 # %% ../book/05_block.ipynb #c86db63a
-def causal_conv(xBC, weight, bias=None, conv_state=None):
+def causal_conv(xBC: Tensor, weight: Tensor, bias: Tensor | None = None,
+                conv_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Depthwise causal convolution then SiLU of `xBC: (b, l, d)` with `weight: (d, k)`, after
     the inputs in `conv_state: (b, d, k)` (None: zeros); returns it and the new `conv_state`."""
     (b, l, d), k = xBC.shape, weight.shape[-1]
@@ -105,7 +107,8 @@ def causal_conv(xBC, weight, bias=None, conv_state=None):
     return F.silu(out), xpad[:, -k:].transpose(1, 2).clone()   # the last k inputs, for what follows
 
 # %% ../book/05_block.ipynb #eaaf0581
-def discretize(dt, dt_bias, A_log, dt_limit=(0.0, float("inf"))):
+def discretize(dt: Tensor, dt_bias: Tensor, A_log: Tensor,
+               dt_limit: tuple[float, float] = (0.0, math.inf)) -> tuple[Tensor, Tensor]:
     "Step sizes `softplus(dt + dt_bias)` clamped to `dt_limit`, and log-decays `dt * A` with `A = -exp(A_log)`: both `(..., h)`, at least float32."
     dtype = torch.promote_types(dt.dtype, torch.float32)
     dt = F.softplus(dt.to(dtype) + dt_bias.to(dtype)).clamp(*dt_limit)
@@ -114,12 +117,13 @@ def discretize(dt, dt_bias, A_log, dt_limit=(0.0, float("inf"))):
 # %% ../book/05_block.ipynb #6f6710db
 class RMSNormGated(nn.Module):
     "RMSNorm over groups of `group_size` channels, gated by SiLU(z) after (default) or before normalising; at least float32 inside."
-    def __init__(self, d, group_size=None, eps=1e-5, norm_before_gate=False, device=None, dtype=None):
+    def __init__(self, d: int, group_size: int | None = None, eps: float = 1e-5,
+                 norm_before_gate: bool = False, device=None, dtype=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
         self.group_size, self.eps, self.norm_before_gate = group_size or d, eps, norm_before_gate
 
-    def forward(self, x, z=None):
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         dtype = x.dtype
         x = x.to(torch.promote_types(dtype, torch.float32))
         if z is not None and not self.norm_before_gate:
@@ -131,17 +135,18 @@ class RMSNormGated(nn.Module):
         return x.to(dtype)
 
 # %% ../book/05_block.ipynb #7078b565
-def inverse_softplus(y):
+def inverse_softplus(y: Tensor) -> Tensor:
     "The x with softplus(x) = y > 0, computed stably as y + log(1 - exp(-y))."
     return y + torch.log(-torch.expm1(-y))
 
-def init_dt_bias(nheads, dt_min, dt_max, dt_init_floor, device=None):
+def init_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float,
+                 device=None) -> Tensor:
     "dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max], floored at dt_init_floor."
     dt = torch.empty(nheads, device=device).uniform_(math.log(dt_min), math.log(dt_max)).exp()
     return inverse_softplus(dt.clamp(min=dt_init_floor))
 
 # %% ../book/05_block.ipynb #43ddd0ef
-def check_block_input(u, block):
+def check_block_input(u: Tensor, block: "Mamba2") -> tuple[int, int]:
     "Return `(b, l)` of `u: (b, l, d_model)` for `block`, or raise a `TypeError`/`ValueError`."
     d, w = block.config.d_model, block.in_proj.weight
     if not isinstance(u, torch.Tensor) or not u.is_floating_point():
@@ -156,7 +161,7 @@ def check_block_input(u, block):
                         f"(u.to(dtype) or block.to(dtype)), or run under torch.autocast")
     return u.shape[:2]
 
-def check_cache(block, cache, batch):
+def check_cache(block: "Mamba2", cache, batch: int) -> None:
     "Raise unless `cache` holds the `conv_state` and `ssm_state` `block` needs for `batch` rows."
     c = block.config
     want = {"conv_state": (batch, block.conv_dim, c.d_conv),
@@ -173,7 +178,8 @@ def check_cache(block, cache, batch):
 # %% ../book/05_block.ipynb #04981f42
 class Mamba2(nn.Module):
     "The Mamba-2 block, `u: (b, l, d_model) -> y: (b, l, d_model)`, with mamba_ssm's parameter names."
-    def __init__(self, config, layer_idx=None, device=None, dtype=None):
+    def __init__(self, config: Mamba2Config, layer_idx: int | None = None, device=None,
+                 dtype=None):
         super().__init__()
         c, kw = config, dict(device=device, dtype=dtype)
         self.config, self.layer_idx, self.conv_dim = c, layer_idx, c.d_inner + 2 * c.ngroups * c.d_state
@@ -190,7 +196,8 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias, **kw)
         self.cpu_segment = 512                          # tokens per segment on a CPU (below)
 
-    def mix(self, u, initial_state=None, conv_state=None):
+    def mix(self, u: Tensor, initial_state: Tensor | None = None,
+            conv_state: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         "One stretch of tokens `u: (b, l, d_model)` after the given states (None: zeros) -> `(y, final_state, conv_state)`."
         c = self.config
         z, xBC, dt = self.in_proj(u).split([c.d_inner, self.conv_dim, c.nheads], dim=-1)
@@ -202,7 +209,7 @@ class Mamba2(nn.Module):
         Y = torch.addcmul(Y, x, self.D.to(Y.dtype).view(c.nheads, -1))                   # + D x, the skip
         return self.out_proj(self.norm(Y.flatten(-2), z).to(u.dtype)), final_state, conv_state
 
-    def forward(self, u, initial_states=None, cache=None):
+    def forward(self, u: Tensor, initial_states: Tensor | None = None, cache=None) -> Tensor:
         "`u: (b, l, d_model) -> y`, from `initial_states`, the learned ones, or a `cache` (then left after the last token)."
         b, l = check_block_input(u, self)
         if cache is not None:
@@ -217,7 +224,8 @@ class Mamba2(nn.Module):
             cache.conv_state.copy_(conv_state.detach()), cache.ssm_state.copy_(state.detach())   # a cache holds values, not a graph
         return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
 
-    def start_state(self, batch, initial_states=None, cache=None):
+    def start_state(self, batch: int, initial_states: Tensor | None = None,
+                    cache=None) -> Tensor | None:
         "The SSM state before the first token: the cache's, the one given, the learned one, or None (zeros)."
         if cache is not None and initial_states is not None:
             raise ValueError("pass initial_states or a cache, not both: the cache already holds the state to start from")

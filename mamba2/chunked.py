@@ -5,6 +5,7 @@ __all__ = ['chunk_inputs', 'pass_states', 'check_chunk_size', 'ssd_chunked']
 
 # %% ../book/04_chunked.ipynb #d52bab69
 import torch
+from torch import Tensor
 import torch.nn.functional as F
 from einops import rearrange
 from .scan import check_ssd_inputs
@@ -13,14 +14,15 @@ from .quadratic import (
     split_heads, masked_attention, states_from_inputs, decay_from_start, outputs_from_state)
 
 # %% ../book/04_chunked.ipynb #423fbc22
-def chunk_inputs(X, A, B, C, chunk_size):
+def chunk_inputs(X: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> list[Tensor]:
     "Pad the length with zeros to whole chunks (at least one), then cut it into chunks."
     pad = max(1, -(-X.size(1) // chunk_size)) * chunk_size - X.size(1)
     padded = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (X, A, B, C))
     return [rearrange(t, "b (c q) ... -> b c q ...", q=chunk_size) for t in padded]
 
 # %% ../book/04_chunked.ipynb #bddcafa5
-def pass_states(states, chunk_decay, initial_states):
+def pass_states(states: Tensor, chunk_decay: Tensor,
+                initial_states: Tensor) -> tuple[Tensor, Tensor]:
     "Step 3: `S_{c+1} = chunk_decay_c * S_c + states_c`; returns the states entering each chunk and the final state."
     state, entering = initial_states, []                        # states: (b, c, g, r, p, n), chunk_decay: (b, c, g, r)
     for new, decay in zip(states.unbind(1), chunk_decay[..., None, None].unbind(1)):   # chunk by chunk
@@ -29,7 +31,7 @@ def pass_states(states, chunk_decay, initial_states):
     return torch.stack(entering, 1), state
 
 # %% ../book/04_chunked.ipynb #59313467
-def check_chunk_size(chunk_size, l):
+def check_chunk_size(chunk_size: int, l: int) -> int:
     "A positive integer `chunk_size`, cut to the length `l` (at least 1); else raise."
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -37,7 +39,8 @@ def check_chunk_size(chunk_size, l):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     return min(chunk_size, max(l, 1))                   # never longer than the sequence
 
-def ssd_chunked(X, A, B, C, chunk_size, initial_states=None):
+def ssd_chunked(X: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                initial_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
     "Chunked SSD: chapter 3's quadratic form within chunks, a recurrence across them."
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
     Q = check_chunk_size(chunk_size, l)

@@ -7,20 +7,21 @@ __all__ = ['chunk_cumsum', 'chunk_decays', 'mul_to', 'scores_attention', 'decaye
 # %% ../book/08_performance.ipynb #80cecb0a
 import math
 import torch
+from torch import Tensor
 import torch.nn.functional as F
 from .scan import check_ssd_inputs
 from .quadratic import split_heads, flush_tiny, per_token
 from .chunked import check_chunk_size, chunk_inputs, pass_states
 
 # %% ../book/08_performance.ipynb #5c001730
-def chunk_cumsum(A, dim=-1):
+def chunk_cumsum(A: Tensor, dim: int = -1) -> Tensor:
     "`A_0 + ... + A_j` along `dim` in float64, as a product with a triangular matrix of ones."
     ones = torch.ones(A.size(dim), A.size(dim), dtype=torch.float64, device=A.device).tril()
     if dim in (-1, A.ndim - 1):
         return A.double() @ ones.T
     return (ones @ A.double().movedim(dim, -2)).movedim(-2, dim)
 
-def chunk_decays(S, dtype, floor=True):
+def chunk_decays(S: Tensor, dtype: torch.dtype, floor: bool = True) -> Tensor:
     "`exp(S_t - S_s)` on and below the diagonal, `(..., q, q)` in `dtype`, from sums `S: (..., q)`."
     q = S.size(-1)
     causal = torch.ones(q, q, dtype=torch.bool, device=S.device).tril()
@@ -36,26 +37,28 @@ def chunk_decays(S, dtype, floor=True):
     return L.clamp_(low, low.masked_fill(causal, torch.inf)).exp_()
 
 # %% ../book/08_performance.ipynb #a6c34a96
-def mul_to(a, b, dtype, overwrite=False):
+def mul_to(a: Tensor, b: Tensor, dtype: torch.dtype, overwrite: bool = False) -> Tensor:
     "`(a * b).to(dtype)`; `overwrite=True` (no autograd): one pass, straight into `dtype`."
     if not overwrite:
         return (a * b).to(dtype)
     out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
     return torch.mul(a, b, out=out)
 
-def scores_attention(L, X, B, C, overwrite=False):
+def scores_attention(L: Tensor, X: Tensor, B: Tensor, C: Tensor,
+                     overwrite: bool = False) -> Tensor:
     "`(L * C B^T) X` per head with `L: (..., g, r, q, q)` overwritten when allowed; causal."
     CB = torch.einsum("...lgn,...sgn->...gls", C, B).tril_().unsqueeze(-3)   # once per group
     M = L.mul_(CB) if overwrite and L.dtype == X.dtype else mul_to(L, CB, X.dtype, overwrite)
     return torch.einsum("...grls,...sgrp->...lgrp", M, X)                    # in X's dtype
 
-def decayed_states(to_end, X, B, overwrite=False):
+def decayed_states(to_end: Tensor, X: Tensor, B: Tensor, overwrite: bool = False) -> Tensor:
     "Chapter 3's `states_from_inputs` with the decayed inputs in `B`'s dtype, in one pass."
     Xd = mul_to(X, per_token(flush_tiny(to_end)), B.dtype, overwrite)
     return torch.einsum("...lgn,...lgrp->...grpn", B, Xd).to(to_end.dtype)
 
 # %% ../book/08_performance.ipynb #8a16065c
-def diagonal_blocks(S, X, B, C, block, overwrite=False, floor=True, scores_memory=192 * 2**20):
+def diagonal_blocks(S: Tensor, X: Tensor, B: Tensor, C: Tensor, block: int, overwrite: bool = False,
+                    floor: bool = True, scores_memory: int = 192 * 2**20) -> Tensor:
     "Step 1 on `block`-token blocks along the diagonal, about `scores_memory` bytes at a time."
     k, dtype = S.size(-1) // block, torch.promote_types(X.dtype, torch.float32)
     Sb = S.unflatten(-1, (k, block)).movedim(-2, 2)                     # (b, c, k, g, r, q)
@@ -69,7 +72,8 @@ def diagonal_blocks(S, X, B, C, block, overwrite=False, floor=True, scores_memor
     return (Y[0] if len(Y) == 1 else torch.cat(Y, 1)).flatten(2, 3)   # (b, c, Q, g, r, p)
 
 # %% ../book/08_performance.ipynb #bbee194a
-def earlier_blocks(Y, S, X, B, C, block, overwrite=False):
+def earlier_blocks(Y: Tensor, S: Tensor, X: Tensor, B: Tensor, C: Tensor, block: int,
+                   overwrite: bool = False) -> Tensor:
     "Add to `Y` what each token reads from the earlier blocks of its chunk, through token `e - 1`."
     tok = lambda v: per_token(v).to(Y.dtype)                # (b, c, g, r, q) -> (b, c, q, g, r, 1)
     for e in range(block, X.size(2), block):                # rows e, e+1, ...; token e-1 splits the decays
@@ -86,7 +90,8 @@ def earlier_blocks(Y, S, X, B, C, block, overwrite=False):
     return Y
 
 # %% ../book/08_performance.ipynb #d5e8fd68
-def ssd_in_segments(ssd, X, A, B, C, chunk_size, initial_states, segment):
+def ssd_in_segments(ssd, X: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                    initial_states: Tensor | None, segment: int) -> tuple[Tensor, Tensor]:
     "Run `ssd` on `segment`-token pieces, each from the state the previous one left."
     Ys = []
     for start in range(0, X.size(1), segment):
@@ -97,8 +102,9 @@ def ssd_in_segments(ssd, X, A, B, C, chunk_size, initial_states, segment):
     return torch.cat(Ys, 1), initial_states
 
 # %% ../book/08_performance.ipynb #918baa63
-def ssd_fast(X, A, B, C, chunk_size, initial_states=None, block=64, cpu_segment=512,
-             scores_memory=192 * 2**20):
+def ssd_fast(X: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+             initial_states: Tensor | None = None, block: int = 64, cpu_segment: int = 512,
+             scores_memory: int = 192 * 2**20) -> tuple[Tensor, Tensor]:
     "`ssd_chunked`'s result, tuned: blocks in chunks, bounded memory, CPU segments, hi/lo sums."
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
     chunk_size = check_chunk_size(chunk_size, l)

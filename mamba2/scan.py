@@ -5,11 +5,12 @@ __all__ = ['SSD_SHAPES', 'check_ssd_shapes', 'check_ssd_inputs', 'ssd_scan', 'ra
 
 # %% ../book/01_ssm.ipynb #b3a7f378
 import torch
+from torch import Tensor
 
 # %% ../book/01_ssm.ipynb #c3d69e22
 SSD_SHAPES = {"X": "(b, l, h, p)", "A": "(b, l, h)", "B": "(b, l, g, n)", "C": "(b, l, g, n)"}
 
-def check_ssd_shapes(X, A, B, C):
+def check_ssd_shapes(X: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[int, ...]:
     "Return `(b, l, h, p, g, n)`, or raise a `TypeError`/`ValueError` naming the problem."
     for name, t in zip(SSD_SHAPES, (X, A, B, C)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -31,7 +32,8 @@ def check_ssd_shapes(X, A, B, C):
     return b, l, h, p, g, n
 
 # %% ../book/01_ssm.ipynb #d913686f
-def check_ssd_inputs(X, A, B, C, initial_states=None):
+def check_ssd_inputs(X: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                     initial_states: Tensor | None = None) -> tuple[int, ...]:
     "Check all SSD inputs (shapes, dtypes, device); return `(b, l, h, p, g, n)` or raise."
     b, l, h, p, g, n = check_ssd_shapes(X, A, B, C)
     s0 = initial_states
@@ -50,7 +52,8 @@ def check_ssd_inputs(X, A, B, C, initial_states=None):
     return b, l, h, p, g, n
 
 # %% ../book/01_ssm.ipynb #9b9c1163
-def ssd_scan(X, A, B, C, initial_states=None):
+def ssd_scan(X: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             initial_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
     "The SSM recurrence, one token at a time: `H_t = exp(A_t) H_{t-1} + X_t B_t^T`, `Y_t = H_t C_t`."
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
     dtype = torch.promote_types(X.dtype, torch.float32)       # states and decays in >= float32
@@ -64,7 +67,9 @@ def ssd_scan(X, A, B, C, initial_states=None):
     return Y, state
 
 # %% ../book/01_ssm.ipynb #13f388da
-def random_ssd_inputs(b=2, l=37, h=4, p=8, g=2, n=16, dtype=torch.float64, seed=0, initial_states=False):
+def random_ssd_inputs(b: int = 2, l: int = 37, h: int = 4, p: int = 8, g: int = 2, n: int = 16,
+                      dtype: torch.dtype = torch.float64, seed: int = 0,
+                      initial_states: bool = False) -> tuple[Tensor | None, ...]:
     "Random SSD inputs with Mamba-2-like decays: `(X, A, B, C, initial_states or None)`."
     gen = torch.Generator().manual_seed(seed)
     dt = torch.nn.functional.softplus(torch.randn(b, l, h, generator=gen, dtype=torch.float64) - 4)
@@ -74,7 +79,7 @@ def random_ssd_inputs(b=2, l=37, h=4, p=8, g=2, n=16, dtype=torch.float64, seed=
     s0 = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64) if initial_states else None
     return tuple(None if t is None else t.to(dtype) for t in (X, dt * a, B, C, s0))
 
-def rel_err(a, b):
+def rel_err(a: Tensor, b: Tensor) -> float:
     "Max-norm error of `a` relative to the size of the reference `b`, in float64."
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()
 

@@ -5,9 +5,10 @@ __all__ = ['segsum']
 
 # %% ../book/02_segsum.ipynb #0ace2ebf
 import torch
+from torch import Tensor
 
 # %% ../book/02_segsum.ipynb #7b3ca964
-def segsum(x):
+def segsum(x: Tensor) -> Tensor:
     "Stable segment sums: `out[..., j, i] = x[..., i+1] + ... + x[..., j]` for `i <= j`, `-inf` above the diagonal."
     T = x.size(-1)
     x = x[..., None].expand(*x.shape, T)                          # x[..., j, i] = x_j

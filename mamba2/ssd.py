@@ -4,12 +4,15 @@
 __all__ = ['IMPLEMENTATIONS', 'ssd']
 
 # %% ../book/05_block.ipynb #908852f9
+from torch import Tensor
+
 from .chunked import ssd_chunked
 from .fast import ssd_fast
 
 IMPLEMENTATIONS = {"chunked": ssd_chunked, "fast": ssd_fast}
 
-def ssd(X, A, B, C, chunk_size, initial_states=None, impl="auto"):
+def ssd(X: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+        initial_states: Tensor | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
     "The SSD by implementation `impl`: `'auto'` (the fastest correct one) or a key of `IMPLEMENTATIONS`."
     if impl == "auto":
         impl = "fast"                       # the fastest correct one on every device (chapter 8)
