@@ -1,6 +1,6 @@
 """Benchmark: the Mamba-2 block's forward pass against transformers' Mamba2Mixer on CPU.
 
-    python benchmarks/bench_block_cpu.py            # writes benchmarks/results/block_cpu.json
+    python benchmarks/bench_block_cpu.py            # writes benchmarks/results/block_cpu.json (or --out)
     python benchmarks/bench_block_cpu.py --quick    # L = 1024 only, one round (a smoke test)
     python benchmarks/bench_block_cpu.py --threads 2
 
@@ -41,7 +41,6 @@ def worker(impl, L, repeats, threads):
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
     import transformers.utils.logging as hf_logging
     hf_logging.set_verbosity_error()
-    sys.path.insert(0, str(ROOT))
     from mamba2 import Mamba2, Mamba2Config
 
     torch.manual_seed(0)
@@ -92,7 +91,7 @@ def environment(threads):
                 platform=platform.platform(), git_commit=commit, load_average_at_start=os.getloadavg())
 
 
-def main(quick=False, threads=1):
+def main(quick=False, threads=1, out=ROOT / "benchmarks" / "results" / "block_cpu.json"):
     lengths, rounds = ([1024], 1) if quick else ([1024, 4096, 16384], 2)
     result = dict(benchmark=__doc__.split("\n")[0], shape=SHAPE, dtype="float32", batch=1, mode="torch.no_grad",
                   method="fresh process per case; time: median of timed passes after one warm-up pass; "
@@ -121,10 +120,10 @@ def main(quick=False, threads=1):
               f"transformers {theirs['time_s']:.3f} s, {theirs['peak_growth_mib']:.0f} MiB | "
               f"time ratio {case['time_ratio']:.2f}, memory ratio {case['memory_ratio']:.2f}", flush=True)
     if not quick:
-        path = ROOT / "benchmarks" / "results" / "block_cpu.json"
+        path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
@@ -134,5 +133,6 @@ if __name__ == "__main__":
         ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--quick", action="store_true")
         ap.add_argument("--threads", type=int, default=1)
+        ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "block_cpu.json")
         args = ap.parse_args()
-        main(args.quick, args.threads)
+        main(args.quick, args.threads, args.out)

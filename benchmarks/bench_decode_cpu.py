@@ -14,8 +14,7 @@ import torch
 import transformers
 from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mamba2.lm import Mamba2LMHeadModel  # noqa: E402
+from mamba2.lm import Mamba2LMHeadModel
 
 PROMPT_LEN, NEW_TOKENS = 64, 64
 

@@ -3,6 +3,9 @@
 One transformers `Mamba2ForCausalLM` with random weights (mamba2-130m-shaped unless told otherwise) is
 saved with `save_pretrained` and loaded by `Mamba2LMHeadModel.from_pretrained`, so both sides hold the
 same numbers. Measured, each in one process and one run:
+Ours is `mamba2` with `Mamba2Config.impl` set by `--impls` (default `auto`, the front door's choice:
+`ssd_fast`; `chunked`: chapter 4's plain `ssd_chunked`), one model per implementation, named `mamba2`
+(auto) and `mamba2_IMPL` (the others).
 - `block`: layer 0's mixer forward, `u: (b, l, d_model)`, ours (eager, and compiled on CUDA) against
   transformers' `Mamba2Mixer`; median time and peak memory above the inputs;
 - `lm`: the whole model's forward to logits;
@@ -12,12 +15,12 @@ same numbers. Measured, each in one process and one run:
 transformers must run its own PyTorch path: keep mamba_ssm off the Python path of this process.
 Usage: `python benchmarks/bench_model.py --device cuda --dtype bfloat16 --out results.json`.
 """
-import argparse, importlib, json, os, statistics, sys, tempfile, time
+import argparse, json, statistics, tempfile, time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_ssd_gpu import env_info  # noqa: E402
+import mamba2
+from bench_ssd_gpu import env_info
 
 
 STEP_ROUNDS = 5     # rounds of step timings, each position once per round
@@ -65,7 +68,7 @@ def rel(a, b):
 
 
 def build(args, device, dtype):
-    "transformers' model and ours (one per package in --packages) with the same random weights."
+    "transformers' model and ours (one per implementation in --impls) with the same random weights."
     from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM
     cfg = HFConfig(vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.n_layer, state_size=128,
                    expand=2, head_dim=64, num_heads=2 * args.d_model // 64, n_groups=1, chunk_size=256, conv_kernel=4,
@@ -75,8 +78,11 @@ def build(args, device, dtype):
     hf = Mamba2ForCausalLM(cfg)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = {pkg: importlib.import_module(pkg).Mamba2LMHeadModel.from_pretrained(d, device=device, dtype=dtype)
-                for pkg in args.packages.split(",")}
+        ours = {}
+        for impl in args.impls.split(","):
+            model = mamba2.Mamba2LMHeadModel.from_pretrained(d, device=device, dtype=dtype)
+            model.config.impl = impl                   # shared by every block of the model
+            ours["mamba2" if impl == "auto" else f"mamba2_{impl}"] = model
     hf = hf.to(device=device, dtype=dtype).eval()
     hf.generation_config.eos_token_id = None
     return hf, ours
@@ -96,7 +102,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time our block under torch.compile")
     ap.add_argument("--compile-max-l", type=int, default=4096, help="compile only up to this length (compile time)")
     ap.add_argument("--parts", default="block,lm,decode,step")
-    ap.add_argument("--packages", default="mamba2", help="our package(s) to measure, e.g. mamba2,mamba2_next")
+    ap.add_argument("--impls", default="auto", help="Mamba2Config.impl of our model(s), e.g. auto,chunked")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-transformers-l", type=int, default=1 << 30,
                     help="skip transformers' block beyond this length (its PyTorch path needs memory ~ l * chunk * heads * state)")
@@ -106,8 +112,8 @@ def main():
     t = timer(dev)
     res = {"env": env_info(), "config": vars(args), "results": []}
     hf, ours_all = build(args, dev, dtype)
-    ours = list(ours_all.values())[-1]          # the last package for compile and the step timing
-    res["env"]["packages"] = {pkg: getattr(importlib.import_module(pkg), "__file__", "") for pkg in ours_all}
+    ours = list(ours_all.values())[0]           # the first implementation: compiled, and the step
+    res["env"]["impls"] = args.impls
     parts = args.parts.split(",")
 
     def save(r):
@@ -119,9 +125,9 @@ def main():
     with torch.inference_mode():
         if "block" in parts:
             theirs = hf.backbone.layers[0].mixer
-            variants = {pkg: m.backbone.layers[0].mixer for pkg, m in ours_all.items()} | {"transformers": theirs}
+            variants = {name: m.backbone.layers[0].mixer for name, m in ours_all.items()} | {"transformers": theirs}
             if args.compile and dev == "cuda":
-                variants[list(ours_all)[-1] + "_compiled"] = torch.compile(ours.backbone.layers[0].mixer, dynamic=False)
+                variants[list(ours_all)[0] + "_compiled"] = torch.compile(ours.backbone.layers[0].mixer, dynamic=False)
             for shape in args.block.split(","):
                 b, l = map(int, shape.split("x"))
                 u = torch.randn(b, l, args.d_model, device=dev, dtype=dtype, generator=torch.Generator(dev).manual_seed(1))
@@ -151,7 +157,7 @@ def main():
                 b, l = map(int, shape.split("x"))
                 ids = torch.randint(0, args.vocab, (b, l), device=dev, generator=torch.Generator(dev).manual_seed(2))
                 ref = hf(ids).logits
-                fns = {pkg: (lambda m=m: m(ids)) for pkg, m in ours_all.items()} | {"transformers": lambda: hf(ids).logits}
+                fns = {name: (lambda m=m: m(ids)) for name, m in ours_all.items()} | {"transformers": lambda: hf(ids).logits}
                 for name, fn in fns.items():
                     r = {"part": "lm", "shape": shape, "variant": name}
                     try:
@@ -167,7 +173,7 @@ def main():
                 b, lp, new = map(int, shape.split("x"))
                 ids = torch.randint(0, args.vocab, (b, lp), device=dev, generator=torch.Generator(dev).manual_seed(3))
                 outs = {}
-                gens = {pkg: (lambda m=m: m.generate(ids, new, temperature=0)) for pkg, m in ours_all.items()}
+                gens = {name: (lambda m=m: m.generate(ids, new, temperature=0)) for name, m in ours_all.items()}
                 gens["transformers"] = lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
                 for name, fn in gens.items():
                     r = {"part": "decode", "shape": shape, "variant": name}
@@ -180,7 +186,7 @@ def main():
                     save(r)
                 mine = [k for k in outs if k != "transformers"]
                 if mine and "transformers" in outs:
-                    same = (outs[mine[-1]][:, lp:] == outs["transformers"][:, lp:]).float().mean().item()
+                    same = (outs[mine[0]][:, lp:] == outs["transformers"][:, lp:]).float().mean().item()
                     save({"part": "decode", "shape": shape, "variant": "agreement", "same_token_fraction": same})
         if "step" in parts:   # prefill every position first, then time them in turn, round after round: drift hits all alike
             caches = {}
@@ -193,7 +199,7 @@ def main():
                 for pos, (tok, cache) in caches.items():
                     rounds[pos].append(t(lambda: ours.step(tok, cache), args.reps, warmup=3))
             for pos, ts in rounds.items():
-                save({"part": "step", "position": pos, "variant": list(ours_all)[-1], "s": statistics.median(ts),
+                save({"part": "step", "position": pos, "variant": list(ours_all)[0], "s": statistics.median(ts),
                       "min_s": min(ts), "rounds_s": ts})
     print(json.dumps(res["results"]))
 

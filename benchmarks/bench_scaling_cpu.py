@@ -1,6 +1,7 @@
 """Time and peak memory of the three SSD algorithms against the sequence length, on the CPU in float32.
 
-`ssd_scan` (one token at a time), `ssd_quadratic` (the whole (l, l) matrix) and `ssd_chunked`, on
+`ssd_scan` (one token at a time), `ssd_quadratic` (the whole (l, l) matrix), `ssd` (the front door,
+impl="auto": `ssd_fast`) and `ssd_chunked` (impl="chunked", chapter 4's plain algorithm), on
 mamba2-130m-shaped heads (h=24, p=64, n=128, g=1, chunk 256) unless told otherwise; each length runs
 the algorithms that fit (`--max-quadratic`, `--max-scan`). Peak memory is the growth of the process's
 resident set during the call (VmHWM after resetting it); run with `MALLOC_MMAP_THRESHOLD_=65536` so
@@ -8,13 +9,12 @@ that freed tensors go back to the system at once (`run_cpu.sh` does). The ratio 
 the longest length to the shortest, over the ratio of the lengths, is 1 for linear scaling.
 Usage: `python benchmarks/bench_scaling_cpu.py --lengths 1024,4096,16384 --out scaling_cpu.json`.
 """
-import argparse, json, os, sys
+import argparse, json
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_model import timer, peak_mib  # noqa: E402
-from bench_ssd_gpu import env_info  # noqa: E402
+from bench_model import timer, peak_mib
+from bench_ssd_gpu import env_info
 
 
 def inputs(l, h, p, n, g, seed=0):
@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--max-quadratic", type=int, default=4096)
     ap.add_argument("--max-scan", type=int, default=16384)
+    ap.add_argument("--max-chunked", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default="scaling_cpu.json")
@@ -41,16 +42,17 @@ def main():
         torch.set_num_threads(args.threads)
     import mamba2
     h, p, n, g = map(int, args.heads.split(","))
-    algos = {"scan": mamba2.ssd_scan, "chunked": lambda *a: mamba2.ssd_chunked(*a, args.chunk_size)}
-    if hasattr(mamba2, "ssd_quadratic"):
-        algos["quadratic"] = mamba2.ssd_quadratic
+    algos = {"scan": mamba2.ssd_scan, "quadratic": mamba2.ssd_quadratic,
+             "ssd": lambda *a: mamba2.ssd(*a, args.chunk_size, impl="auto"),
+             "ssd_chunked": lambda *a: mamba2.ssd(*a, args.chunk_size, impl="chunked")}
+    longest = {"scan": args.max_scan, "quadratic": args.max_quadratic, "ssd_chunked": args.max_chunked}
     t = timer("cpu")
     res = {"env": {**env_info(), "torch_threads": torch.get_num_threads()}, "config": vars(args), "results": []}
     with torch.inference_mode():
         for l in map(int, args.lengths.split(",")):
             X, A, B, C = inputs(l, h, p, n, g)
             for name, fn in algos.items():
-                if (name == "quadratic" and l > args.max_quadratic) or (name == "scan" and l > args.max_scan):
+                if l > longest.get(name, l):
                     continue
                 r = {"algo": name, "l": l, "s": t(lambda: fn(X, A, B, C), args.reps if name != "scan" else 1),
                      "peak_mib": peak_mib(lambda: fn(X, A, B, C), "cpu")}

@@ -1,15 +1,18 @@
-"""CPU benchmark of `mamba2.ssd_chunked` against transformers' pure-PyTorch chunked scan.
+"""CPU benchmark of `mamba2.ssd` against transformers' pure-PyTorch chunked scan.
 
 What is measured
     The SSD core at Mamba-2-130m's shape: b=1, h=24, p=64, n=128, g=1, chunk_size Q=256, float32,
     for l = 1024, 4096, 16384 (or --lengths). Two implementations of the same computation on the
     same inputs (raw x, dt = softplus(randn - 4), a = -U(1, 16), B, C from seed 0):
-      * mamba2:       ssd_chunked(x * dt, dt * a, B, C, 256), discretization included;
+      * mamba2:       mamba2.ssd(x * dt, dt * a, B, C, 256), the front door (impl="auto": ssd_fast),
+                      discretization included;
+      * mamba2_chunked: the same with impl="chunked", chapter 4's plain ssd_chunked;
       * transformers: transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan(x, dt, a, B, C, 256,
                       return_final_states=True), the pure-PyTorch path that Mamba2Mixer falls back to
                       when mamba_ssm's kernels are missing (it discretizes inside). It is called, not copied.
-    Both return outputs and the final state. Before timing, the run checks that the two agree on a
-    length that is not a multiple of Q, with an initial state (relative errors go into the JSON).
+    All return outputs and the final state. Before timing, the run checks that ours agree with
+    transformers' on a length that is not a multiple of Q, with an initial state (relative errors go
+    into the JSON).
 
 How
     Every (implementation, length) case runs in a fresh subprocess, so that one case's allocations
@@ -22,12 +25,14 @@ How
         call: the extra resident memory the call needed at its peak, inputs excluded. (This setting
         makes every new tensor over 1 MiB page-fault, so no time is taken under it.)
     Growth ratios are against the shortest length (linear growth: ratio = length ratio); speedups are
-    transformers' time (memory) over ours, same length, same run. The JSON in benchmarks/results/
-    records the machine, versions, thread count, load average, and every raw number.
+    transformers' time (memory) over ours, same length, same run. The JSON records the machine,
+    versions, thread count, load average, and every raw number. Not part of the CPU suite (no chapter
+    reads its results): run it on its own.
 
 Usage
-    python benchmarks/bench_ssd_cpu.py                       # all cases, writes benchmarks/results/
+    python benchmarks/bench_ssd_cpu.py --out OUTDIR          # all cases, writes OUTDIR/ssd_cpu_*.json
     python benchmarks/bench_ssd_cpu.py --threads 1 --repeats 5 --lengths 1024 4096
+    python benchmarks/bench_ssd_cpu.py --lengths 1024 --repeats 1 --out /tmp   # a quick check
 """
 import argparse, ctypes, datetime, json, os, platform, re, statistics, subprocess, sys, time
 from pathlib import Path
@@ -37,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(b=1, h=24, p=64, n=128, g=1)
 CHUNK = 256
+OURS = {"mamba2": "auto", "mamba2_chunked": "chunked"}       # our implementations: name -> impl
+IMPLS = (*OURS, "transformers")
 
 
 def inputs(l, seed=0, initial_states=False):
@@ -53,9 +60,9 @@ def inputs(l, seed=0, initial_states=False):
 
 def runner(impl):
     "A function of the raw inputs returning (Y, final_state), for each implementation."
-    if impl == "mamba2":
-        from mamba2 import ssd_chunked
-        return lambda x, dt, a, B, C, s0=None: ssd_chunked(x * dt[..., None], dt * a, B, C, CHUNK, s0)
+    if impl in OURS:
+        from mamba2 import ssd
+        return lambda x, dt, a, B, C, s0=None: ssd(x * dt[..., None], dt * a, B, C, CHUNK, s0, impl=OURS[impl])
     from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
     return lambda x, dt, a, B, C, s0=None: mamba2_chunk_scan(x, dt, a, B, C, CHUNK, initial_states=s0, return_final_states=True)
 
@@ -82,11 +89,15 @@ def run_case(impl, l, repeats):
 
 
 def agreement(l=1000):
-    "Relative max errors between the two implementations, on a partial last chunk, with an initial state."
+    "Relative max errors of ours against transformers', on a partial last chunk, with an initial state."
     args = inputs(l, seed=1, initial_states=True)
-    (Y, s), (Yt, st) = runner("mamba2")(*args), runner("transformers")(*args)
+    Yt, st = runner("transformers")(*args)
     rel = lambda u, v: ((u - v).abs().max() / v.abs().max()).item()
-    return {"l": l, "output_rel_err": rel(Y, Yt), "final_state_rel_err": rel(s, st)}
+    out = {"l": l}
+    for impl in OURS:
+        Y, s = runner(impl)(*args)
+        out[impl] = {"output_rel_err": rel(Y, Yt), "final_state_rel_err": rel(s, st)}
+    return out
 
 
 def machine():
@@ -103,7 +114,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--case", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS)   # internal: one subprocess
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,25 +123,25 @@ def main():
         return
     for dtype in (torch.float32, torch.float64):   # the first multi-threaded exp of a process can be inaccurate (tests/conftest.py)
         torch.exp(torch.randn(1 << 20, dtype=dtype))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     load_before, cases = os.getloadavg(), []
     for l in args.lengths:
-        for impl in ("mamba2", "transformers"):
+        for impl in IMPLS:
             out = subprocess.run([sys.executable, __file__, "--case", impl, str(l), "--repeats", str(args.repeats),
-                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
+                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
             cases.append(json.loads(out.stdout.strip().splitlines()[-1]))
             c = cases[-1]
-            print(f"{impl:>12}  l={l:6d}  {c['seconds'] * 1e3:9.1f} ms  peak +{c['peak_mib']:8.1f} MiB", flush=True)
+            print(f"{impl:>14}  l={l:6d}  {c['seconds'] * 1e3:9.1f} ms  peak +{c['peak_mib']:8.1f} MiB", flush=True)
     res = {(c["impl"], c["l"]): c for c in cases}
     l0 = args.lengths[0]
     summary = {impl: {str(l): {"length_ratio": l / l0,
                                "time_ratio": res[impl, l]["seconds"] / res[impl, l0]["seconds"],
                                "memory_ratio": res[impl, l]["peak_mib"] / res[impl, l0]["peak_mib"]}
-                      for l in args.lengths} for impl in ("mamba2", "transformers")}
-    speedup = {str(l): {"time": res["transformers", l]["seconds"] / res["mamba2", l]["seconds"],
-                        "peak_memory": res["transformers", l]["peak_mib"] / res["mamba2", l]["peak_mib"]}
-               for l in args.lengths}
-    report = {"benchmark": "ssd_chunked vs transformers mamba2_chunk_scan (pure PyTorch), CPU float32",
+                      for l in args.lengths} for impl in IMPLS}
+    speedup = {impl: {str(l): {"time": res["transformers", l]["seconds"] / res[impl, l]["seconds"],
+                               "peak_memory": res["transformers", l]["peak_mib"] / res[impl, l]["peak_mib"]}
+                      for l in args.lengths} for impl in OURS}
+    report = {"benchmark": "mamba2.ssd (impl auto and chunked) vs transformers mamba2_chunk_scan (pure PyTorch), "
+                           "CPU float32",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "threads": args.threads, "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "shape": SHAPE | {"chunk_size": CHUNK, "dtype": "float32"},
@@ -139,10 +150,12 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ssd_cpu_{report['date'][:10]}_t{args.threads}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
-    for l in args.lengths:
-        s, m = summary["mamba2"][str(l)], speedup[str(l)]
-        print(f"l={l:6d}: mamba2 time x{s['time_ratio']:.2f}, memory x{s['memory_ratio']:.2f} for length x{s['length_ratio']:.0f};"
-              f" transformers / mamba2: time {m['time']:.2f}x, peak memory {m['peak_memory']:.2f}x")
+    for impl in OURS:
+        for l in args.lengths:
+            s, m = summary[impl][str(l)], speedup[impl][str(l)]
+            print(f"l={l:6d}: {impl} time x{s['time_ratio']:.2f}, memory x{s['memory_ratio']:.2f} for length "
+                  f"x{s['length_ratio']:.0f}; transformers / {impl}: time {m['time']:.2f}x, peak memory "
+                  f"{m['peak_memory']:.2f}x")
     print("agreement:", report["agreement"], "\nwrote", path)
 
 

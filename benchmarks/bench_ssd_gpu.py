@@ -1,11 +1,18 @@
-"""SSD on one GPU: `mamba2.ssd_chunked` (eager and torch.compile) against mamba_ssm's Triton kernel.
+"""SSD on one GPU: `mamba2.ssd` (eager and torch.compile) against mamba_ssm's Triton kernel and other peers.
 
 Run by `benchmarks/run_gpu.sh`. Needs a CUDA GPU, Triton, and mamba_ssm's Python sources on the path
 (its Triton SSD kernels need no compiled extension: `run_gpu.sh` puts a stub `mamba_ssm/__init__.py` in
 front of the source package so that the CUDA extensions are never imported).
 
 Every variant computes the same function from the same inputs, `(x, dt, a, B, C) -> (Y, final_state)`
-with `X = x * dt` and `A = dt * a` (the kernel discretizes inside, so ours does too, inside the timing).
+with `X = x * dt` and `A = dt * a` (the kernel discretizes inside, so ours does too, inside the timing):
+- `kernel`: mamba_ssm's `mamba_chunk_scan_combined`;
+- `minimal`: the paper's listing (mamba_ssm's `ssd_minimal_discrete`);
+- `hf`: transformers' pure-PyTorch `mamba2_chunk_scan`;
+- `ssd`: `mamba2.ssd(..., impl="auto")`, the front door (`ssd_fast`, chapter 8);
+- `ssd_chunked`: `mamba2.ssd(..., impl="chunked")`, chapter 4's plain algorithm;
+- `NAME_compiled`: `torch.compile(NAME, dynamic=False)`, compiled once per shape.
+(Results files written before the split into `ssd_chunked` and `ssd_fast` call the tuned code `chunked`.)
 For each shape: a float64 reference (the paper's listing in float64), every variant's relative error
 against it, then its median time per call (`triton.testing.do_bench`: what a caller waits, Python's
 launch overhead included), the median time of replaying the call captured in a CUDA graph (the GPU's
@@ -13,7 +20,7 @@ own time: launch overhead gone), its peak memory above the inputs
 (`max_memory_allocated` after `reset_peak_memory_stats`), and, for compiled variants, the first-call
 compile time and the number of graphs and graph breaks, reported apart.
 """
-import argparse, datetime, json, math, os, platform, subprocess, time, traceback
+import argparse, datetime, json, os, platform, subprocess, time, traceback
 
 import torch
 import torch._dynamo
@@ -21,108 +28,6 @@ import torch.nn.functional as F
 
 SHAPES = {"8x1k": (8, 1024), "8x4k": (8, 4096), "2x16k": (2, 16384), "1x64k": (1, 65536)}
 H, P, N, G, Q = 24, 64, 128, 1, 256   # mamba2-130m-shaped heads, chunk 256
-
-
-# ----------------------------------------------------------------------------------------------
-# Prototype variants, measured here before the winners move into chapter 4's `ssd_chunked`.
-def _chunk_cumsum(A):
-    "Inclusive cumsum over the chunk axis -2 of A (b, c, Q, h) as a triangular matmul (Inductor-safe)."
-    Qn = A.shape[-2]
-    tri = torch.ones(Qn, Qn, device=A.device, dtype=A.dtype).tril()
-    return torch.einsum("ls,bcsh->bclh", tri, A)
-
-
-def ssd_proto(X, A, B, C, chunk_size, initial_states=None, pass_states="matmul"):
-    "Chunked SSD, group-shared C B^T and states, float32 decays and states, bf16 matmul operands."
-    b, l, h, p = X.shape
-    g, n = B.shape[2:]
-    Qn, pad = chunk_size, -l % chunk_size
-    if pad:   # pad after discretization: X = 0 and A = 0 leave outputs and the final state exact
-        X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
-        A = F.pad(A, (0, 0, 0, pad))
-    c, k = (l + pad) // Qn, h // g
-    ft = torch.promote_types(X.dtype, torch.float32)     # decays and states in >= float32
-    X = X.reshape(b, c, Qn, g, k, p)
-    B, C = B.reshape(b, c, Qn, g, n), C.reshape(b, c, Qn, g, n)
-    Acs = _chunk_cumsum(A.to(ft).reshape(b, c, Qn, h)).reshape(b, c, Qn, g, k)   # (b, c, Q, g, k)
-    # 1. diagonal blocks: (L o C B^T) X, with C B^T shared by the k heads of a group
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)                                  # (b, c, g, Q, Q)
-    At = Acs.permute(0, 1, 3, 4, 2)                                                 # (b, c, g, k, Q)
-    seg = At[..., :, None] - At[..., None, :]                                       # (b, c, g, k, Q, Q)
-    causal = torch.ones(Qn, Qn, dtype=torch.bool, device=X.device).tril()
-    M = (torch.exp(seg.masked_fill(~causal, -math.inf)) * CB[:, :, :, None]).to(X.dtype)
-    Y = torch.einsum("bcgkls,bcsgkp->bclgkp", M, X)
-    # 2. each chunk's state, from B and the decay to the chunk's end
-    Xd = (X * torch.exp(Acs[:, :, -1:] - Acs)[..., None]).to(X.dtype)
-    S = torch.einsum("bcsgn,bcsgkp->bcgkpn", B, Xd).to(ft)                         # (b, c, g, k, p, n)
-    # 3. pass states across chunks
-    dec = torch.exp(Acs[:, :, -1])                                                   # (b, c, g, k)
-    s0 = X.new_zeros(b, g, k, p, n, dtype=ft) if initial_states is None else initial_states.to(ft).reshape(b, g, k, p, n)
-    if pass_states == "loop":
-        starts = []
-        for i in range(c):
-            starts.append(s0)
-            s0 = dec[:, i, ..., None, None] * s0 + S[:, i]
-        starts, final = torch.stack(starts, 1), s0
-    else:     # (c+1) x (c+1) decay matrix from the chunk totals: exact, quadratic in c
-        tot = F.pad(Acs[:, :, -1], (0, 0, 0, 0, 1, 0)).cumsum(1)                     # (b, c+1, g, k)
-        Ld = torch.exp((tot[:, :, None] - tot[:, None, :]).masked_fill(~torch.ones(c + 1, c + 1, dtype=torch.bool, device=X.device).tril()[..., None, None], -math.inf))
-        allS = torch.cat([s0[:, None], S], 1)
-        new = torch.einsum("bzcgk,bcgkpn->bzgkpn", Ld, allS)
-        starts, final = new[:, :-1], new[:, -1]
-    # 4. states to outputs through C, decayed from each chunk's start
-    Yoff = torch.einsum("bclgn,bcgkpn->bclgkp", C, starts.to(X.dtype))
-    Y = (Y.to(ft) + Yoff.to(ft) * torch.exp(Acs)[..., None]).to(X.dtype)
-    return Y.reshape(b, c * Qn, h, p)[:, :l], final.reshape(b, h, p, n)
-
-
-def ssd_candidate(X, A, B, C, chunk_size, initial_states=None, f32_operands=False, passing="loop", segsum="diff"):
-    """The candidate for chapter 4: matmul operands in the input dtype, decays and states in float32, a
-    contiguous (b, c, g, r, Q) decay layout, L from differences of the in-chunk cumsum (one full-size
-    allocation, exponentiated in place), group-shared C B^T, B X and C S products. The flags undo one
-    optimisation each, for the ablation: `f32_operands`, `passing="matrix"`, `segsum="masked_cumsum"`."""
-    b, l, h, p = X.shape
-    g, n = B.shape[2:]
-    Qn, pad = chunk_size, -l % chunk_size
-    ft = torch.promote_types(X.dtype, torch.float32)
-    dt = ft if f32_operands else X.dtype
-    c, r = (l + pad) // Qn, h // g
-    X, B, C = (F.pad(t.to(dt), (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
-    X, B, C = X.view(b, c, Qn, g, r, p), B.view(b, c, Qn, g, n), C.view(b, c, Qn, g, n)
-    A = F.pad(A.to(ft), (0, 0, 0, pad)).view(b, c, Qn, g, r).permute(0, 1, 3, 4, 2).contiguous()  # (b, c, g, r, Q)
-    causal = torch.ones(Qn, Qn, dtype=torch.bool, device=X.device).tril()
-    if segsum == "diff":
-        Acs = A @ causal.to(ft).T                                                     # in-chunk cumsum as a matmul
-        L = (Acs[..., :, None] - Acs[..., None, :]).masked_fill_(~causal, -math.inf).exp_()
-    else:
-        Ae = A[..., None].expand(*A.shape, Qn).masked_fill(~causal.tril(-1), 0)
-        L = Ae.cumsum(-2).masked_fill_(~causal, -math.inf).exp_()
-        Acs = A.cumsum(-1)
-    # 1. diagonal blocks
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)                                     # (b, c, g, Q, Q)
-    Y = torch.einsum("bcgrls,bcsgrp->bclgrp", (L * CB[:, :, :, None]).to(dt), X)
-    # 2. chunk states
-    to_end = torch.exp(Acs[..., -1:] - Acs).permute(0, 1, 4, 2, 3)[..., None]       # (b, c, Q, g, r, 1)
-    S = torch.einsum("bclgn,bclgrp->bcgrpn", B, (X * to_end).to(dt)).to(ft)
-    # 3. pass states
-    s = X.new_zeros(b, g, r, p, n, dtype=ft) if initial_states is None else initial_states.to(ft).reshape(b, g, r, p, n)
-    chunk_decay = torch.exp(Acs[..., -1])                                              # (b, c, g, r)
-    if passing == "loop":
-        entering = []
-        for i in range(c):
-            entering.append(s)
-            s = chunk_decay[:, i, :, :, None, None] * s + S[:, i]
-        entering = torch.stack(entering, 1)
-    else:
-        tot = F.pad(Acs[..., -1], (0, 0, 0, 0, 1, 0)).cumsum(1)                      # (b, c+1, g, r)
-        D = torch.exp((tot[:, :, None] - tot[:, None, :]).masked_fill(~torch.ones(c + 1, c + 1, dtype=torch.bool, device=X.device).tril()[..., None, None], -math.inf))
-        new = torch.einsum("bzcgr,bcgrpn->bzgrpn", D, torch.cat([s[:, None], S], 1))
-        entering, s = new[:, :-1], new[:, -1]
-    # 4. states to outputs
-    from_start = torch.exp(Acs).permute(0, 1, 4, 2, 3)[..., None]                    # (b, c, Q, g, r, 1)
-    Yoff = torch.einsum("bclgn,bcgrpn->bclgrp", C, entering.to(dt))
-    Y = torch.addcmul(Y.to(ft), Yoff.to(ft), from_start)
-    return Y.reshape(b, c * Qn, h, p)[:, :l].to(X.dtype if not f32_operands else Y.dtype), s.reshape(b, h, p, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +179,7 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x1k,8x4k,2x16k,1x64k")
-    ap.add_argument("--variants", default="kernel,minimal,chunked,chunked_compiled",
+    ap.add_argument("--variants", default="kernel,minimal,ssd,ssd_compiled",
                     help="comma-separated; NAME@SHAPE+SHAPE runs NAME at those shapes only")
     ap.add_argument("--out", default="bench_ssd_gpu.json")
     ap.add_argument("--no-ceilings", action="store_true")
@@ -299,27 +204,11 @@ def main():
         A = (dt * a).to(x.dtype)
         return ssd_minimal_discrete(x * dt[..., None].to(x.dtype), A, B.expand(-1, -1, H, -1), C.expand(-1, -1, H, -1), Q)
     fns["minimal"] = minimal
-    try:
-        from mamba2 import ssd_chunked
-        def chunked(x, dt, a, B, C):
-            return ssd_chunked(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)
-        fns["chunked"] = chunked
-    except ImportError:
-        print("mamba2.ssd_chunked not found: skipping", flush=True)
-    try:   # the next version of ssd_chunked, measured before it is committed (a copy of mamba2 named mamba2_next)
-        from mamba2_next import ssd_chunked as next_chunked
-        fns["next"] = lambda x, dt, a, B, C: next_chunked(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)
-    except ImportError:
-        pass
-    def proto(x, dt, a, B, C):
-        return ssd_proto(x * dt[..., None].to(x.dtype), dt * a, B, C, Q)
-    def proto_loop(x, dt, a, B, C):
-        return ssd_proto(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, pass_states="loop")
-    fns["proto"], fns["proto_loop"] = proto, proto_loop
-    def cand(**kw):
-        return lambda x, dt, a, B, C: ssd_candidate(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, **kw)
-    fns["cand"], fns["cand_f32"] = cand(), cand(f32_operands=True)
-    fns["cand_matrix"], fns["cand_stable"] = cand(passing="matrix"), cand(segsum="masked_cumsum")
+    import mamba2
+    for name, impl in (("ssd", "auto"), ("ssd_chunked", "chunked")):
+        def ours(x, dt, a, B, C, impl=impl):
+            return mamba2.ssd(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, impl=impl)
+        fns[name] = ours
     if "hf" in variants:   # transformers' pure-PyTorch SSD (its wrapper may route to mamba_ssm: unwrap it)
         try:
             from transformers.models.mamba2 import modeling_mamba2 as hfm

@@ -5,8 +5,9 @@
 # SSD kernels (no CUDA build: only its Python and Triton sources are used). Get the source package once with
 #   pip download --no-deps --no-binary :all: --no-build-isolation mamba_ssm -d DIR
 # and point MAMBA_SSM_SDIST at the .tar.gz (default: the first mamba_ssm-*.tar.gz in ./sdist or ../sdist).
-# Writes ssd_gpu.json (SSD: the peers and ours at all shapes, the ablation at (8, 4k), the measured ceilings, a
-# kernel profile), passes_gpu.json (the elementwise passes of eager ssd_chunked), model_gpu.json (block, LM forward, decoding, step) and their logs; then plots with plot.py.
+# Writes what chapter 8 reads: ssd_gpu.json (SSD: the peers and mamba2.ssd at all shapes, the measured ceilings, a
+# profile of eager mamba2.ssd), passes_gpu.json (the elementwise passes of eager ssd_fast), model_gpu.json (block, LM
+# forward, decoding, step); logs and plots beside them. mamba2 is imported from this checkout (PYTHONPATH).
 set -uo pipefail
 OUT=${1:-benchmarks/results}
 PARTS=${PARTS:-ssd,model,passes}    # which parts to run (comma-separated): all three by default
@@ -27,23 +28,23 @@ echo "__version__ = \"$VERSION\"  # stub written by run_gpu.sh" > "$MSDIR/mamba_
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu_env.txt"
 
-# 1. SSD against the kernel at every shape (ssd_chunked as exported, eager and compiled); at (8, 4k) also
-#    transformers' PyTorch SSD and the ablation (cand_*: one optimisation undone at a time), and a kernel profile.
-#    VARIANTS overrides the list (`next`: a package mamba2_next beside mamba2, a version not yet committed).
+# 1. SSD against the kernel at every shape (mamba2.ssd, impl="auto": ssd_fast, eager and compiled); at (8, 4k) also
+#    transformers' PyTorch SSD (after the kernel, while the GPU's memory is free: it needs about 100 GiB) and chapter 4's plain
+#    ssd_chunked; a profile of eager mamba2.ssd. VARIANTS overrides the list (see bench_ssd_gpu.py).
 A=8x4k
-VARIANTS=${VARIANTS:-"kernel,minimal,chunked,chunked_compiled,hf@$A,cand@$A,cand_compiled@$A,cand_f32@$A,cand_f32_compiled@$A,cand_stable@$A,cand_stable_compiled@$A,cand_matrix@$A,cand_matrix_compiled@$A"}
+VARIANTS=${VARIANTS:-"kernel,hf@$A,minimal,ssd,ssd_compiled,ssd_chunked@$A"}
 if [[ ",$PARTS," == *",ssd,"* ]]; then
   PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" --shapes 8x4k,8x1k,2x16k,1x64k \
-    --variants "$VARIANTS" --profile "${PROFILE:-chunked}" 2>&1 | tee "$OUT/ssd_gpu.log"
+    --variants "$VARIANTS" --profile "${PROFILE:-ssd}" 2>&1 | tee "$OUT/ssd_gpu.log"
 fi
-# 2. the cost of each elementwise pass eager ssd_chunked needs, at (8, 4k), beside the kernel (chapter 8's floor for eager)
+# 2. the cost of each elementwise pass eager ssd_fast needs, at (8, 4k), beside the kernel (chapter 8's floor for eager)
 if [[ ",$PARTS," == *",passes,"* ]]; then
-  PYTHONPATH="$REPO:$REPO/benchmarks:$MSDIR" python3 benchmarks/bench_passes_gpu.py --out "$OUT/passes_gpu.json" 2>&1 | tee "$OUT/passes_gpu.log"
+  PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_passes_gpu.py --out "$OUT/passes_gpu.json" 2>&1 | tee "$OUT/passes_gpu.log"
 fi
 # 3. the block, the model, decoding: transformers without mamba_ssm on the path, so it runs its own PyTorch code
 if [[ ",$PARTS," == *",model,"* ]]; then
   PYTHONPATH="$REPO" python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --compile --out "$OUT/model_gpu.json" \
-    --packages "${MAMBA2_PACKAGES:-mamba2}" 2>&1 | tee "$OUT/model_gpu.log"
+    --impls "${IMPLS:-auto}" 2>&1 | tee "$OUT/model_gpu.log"
 fi
 rm -rf "$MS"
 python3 benchmarks/plot.py "$OUT" 2>&1 | tail -3 || true
