@@ -243,3 +243,98 @@ def test_browser_is_offline(server, browser):
         "fetch(arguments[0], {mode: 'no-cors'}).then(() => done('fetched'), e => done('failed: ' + e));", CDN_MATHJAX)
     assert result.startswith("failed"), f"the browser reached {CDN_MATHJAX}: the offline check proves nothing"
     browser.get_log("browser"), browser.get_log("performance")
+
+
+CHAPTERS = [p for p in pages() if re.match(r"book/\d\d_", p)]
+
+
+def visible(driver, selector):
+    "Whether any element matching `selector` is on the screen."
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].some(e => {"
+        "const r = e.getBoundingClientRect(), s = getComputedStyle(e);"
+        "return r.width > 0 && r.height > 0 && r.right > 0 && r.left < window.innerWidth"
+        " && s.visibility !== 'hidden' && s.display !== 'none'; });", selector)
+
+
+def click_visible(driver, selector):
+    "Click the one button matching `selector` that a reader can see, as a reader would."
+    buttons = [b for b in driver.find_elements("css selector", selector) if b.is_displayed()]
+    assert len(buttons) == 1, f"{len(buttons)} visible {selector} buttons"
+    buttons[0].click()
+
+
+@pytest.mark.parametrize("width", [400, 1400])
+def test_sidebars_open_and_close(width, server, browser):
+    "The chapter list and the page contents open and close from the visible buttons, on a phone and a desktop."
+    import time
+    browser.set_window_size(width, 900)
+    try:
+        browser.get(f"{server}/book/04_chunked.html")
+        shot = SHOTS / str(width)
+        shot.mkdir(exist_ok=True)
+        browser.save_screenshot(str(shot / "04_chunked.png"))
+        # (on a phone the theme moves the sidebar's links into a dialog while it is open)
+        chapter_list = ("#pst-primary-sidebar a[href*='05_block'], "
+                        "#pst-primary-sidebar-modal a[href*='05_block']")
+        if width < 992:                 # a phone: the chapter list opens over the page, and closes
+            assert not visible(browser, chapter_list)
+            click_visible(browser, ".primary-toggle")
+            time.sleep(0.5)
+            assert visible(browser, chapter_list), "the chapter list did not open"
+            browser.save_screenshot(str(shot / "04_chunked_chapters.png"))
+            browser.switch_to.active_element.send_keys("\ue00c")     # Escape closes the dialog
+            time.sleep(0.5)
+            assert not visible(browser, chapter_list), "the chapter list did not close"
+            click_visible(browser, ".secondary-toggle")
+            time.sleep(0.5)
+            contents = "#pst-secondary-sidebar a[href*='#'], #pst-secondary-sidebar-modal a[href*='#']"
+            assert visible(browser, contents), "the page contents did not open"
+        else:                           # a desktop: the chapter list hides and comes back
+            assert visible(browser, chapter_list)
+            click_visible(browser, ".primary-toggle")
+            time.sleep(0.5)
+            assert not visible(browser, chapter_list), "the chapter list did not hide"
+            click_visible(browser, ".primary-toggle")
+            time.sleep(0.5)
+            assert visible(browser, chapter_list), "the chapter list did not come back"
+        navbars = browser.execute_script(
+            "return [...document.querySelectorAll('header, .bd-header-article')]"
+            ".filter(e => e.getBoundingClientRect().height > 0).length")
+        assert navbars == 1, f"{navbars} bars at the top of the page"
+    finally:
+        browser.set_window_size(1280, 900)
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_phone_screenshot_and_no_page_wider_than_the_screen(page, server, browser):
+    "At 400 px nothing makes the page itself scroll sideways (code and equations scroll inside themselves)."
+    browser.set_window_size(400, 900)
+    try:
+        browser.get(f"{server}/{page}")
+        (SHOTS / "400").mkdir(exist_ok=True)
+        browser.save_screenshot(str(SHOTS / "400" / Path(page).with_suffix(".png").name))
+        wide = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert wide <= 0, f"the page is {wide} px wider than a 400 px screen"
+    finally:
+        browser.set_window_size(1280, 900)
+
+
+# What a reader must never see in an output: a build's warnings and progress bars, tracebacks,
+# error streams, machine paths.
+NOISE = re.compile(r"Warning\b|Traceback|\d+%\|[^|]*\||it/s\]|/root/|/home/|\.venv|site-packages|"
+                   r"/tmp/|Error:|Set TORCH")
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_no_build_noise_in_outputs(page):
+    "Executed cells' outputs hold no warnings, progress bars, stderr boxes, tracebacks or machine paths."
+    from bs4 import BeautifulSoup
+    if not SITE.joinpath(page).exists():
+        (pytest.fail if REQUIRED else pytest.skip)("no built book")
+    soup = BeautifulSoup(SITE.joinpath(page).read_text(encoding="utf-8"), "html.parser")
+    stderr = soup.select(".output.stderr")
+    assert not stderr, f"stderr boxes: {[e.get_text()[:80] for e in stderr]}"
+    found = [(m.group(0), out.get_text()[max(0, m.start() - 40):m.end() + 40])
+             for out in soup.select(".cell_output") for m in NOISE.finditer(out.get_text())]
+    assert not found, f"build noise in outputs: {found[:5]}"
