@@ -9,7 +9,7 @@ modules (one per concern). nbdev's `nb_export` turns one notebook into one modul
 is exported once per module, from a copy in which only that module's cells are marked.
 `mamba2/__init__.py` re-exports every module's `__all__`, in chapter order.
 """
-import json, re, shutil, sys, tempfile
+import json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 from nbdev.export import nb_export
@@ -71,9 +71,21 @@ def export(dest: Path, book: Path = BOOK):
                 one = {**nb_json, "cells": only_module(nb_json["cells"], mod, mods[0])}
                 (copy / nb.name).write_text(json.dumps(one))
                 nb_export(str(copy / nb.name), str(out))
-                shutil.copy(out / f"{mod}.py", dest / f"{mod}.py")
             modules += mods
-    (dest / "__init__.py").write_text(init_source(modules))
+        (out / "__init__.py").write_text(init_source(modules))
+        tidy(out)
+        for mod in ["__init__", *modules]:
+            shutil.copy(out / f"{mod}.py", dest / f"{mod}.py")
+
+
+def tidy(folder: Path):
+    """Lay out the exported modules as `ruff format` does (nbdev's scaffolding between cells differs
+    from it only in blank lines and quotes), with imports sorted, under the project's ruff settings."""
+    from ruff.__main__ import find_ruff_bin
+    ruff, settings = find_ruff_bin(), ["--config", str(ROOT / "pyproject.toml")]
+    files = sorted(str(f) for f in folder.glob("*.py"))
+    subprocess.run([ruff, "check", "--fix-only", "--select", "I", "--quiet", *settings, *files], check=True)
+    subprocess.run([ruff, "format", "--quiet", *settings, *files], check=True)
 
 
 def generated_files(folder: Path):
