@@ -11,8 +11,12 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
 from .block import *  # noqa: F401,F403
+from .checkpoints import *  # noqa: F401,F403
 from .chunked import *  # noqa: F401,F403
+from .cli import *  # noqa: F401,F403
 from .fast import *  # noqa: F401,F403
+from .formats import *  # noqa: F401,F403
+from .generation import *  # noqa: F401,F403
 from .lm import *  # noqa: F401,F403
 from .quadratic import *  # noqa: F401,F403
 from .scan import *  # noqa: F401,F403

@@ -1,3 +1,3 @@
-from mamba2.lm import main
+from mamba2.cli import main
 
 raise SystemExit(main())

@@ -10,7 +10,10 @@ from safetensors.torch import load_file, save_file
 from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM
 
 from mamba2.block import Mamba2Config
-from mamba2.lm import Mamba2LMHeadModel, filter_logits, main, read_config, sample, stream
+from mamba2.cli import main
+from mamba2.formats import read_config
+from mamba2.generation import filter_logits, sample, stream
+from mamba2.lm import Mamba2LMHeadModel
 from oracle import rel_err
 
 transformers.logging.set_verbosity_error()

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mamba2.block import Mamba2Config
-from mamba2.lm import Mamba2LMHeadModel, check_device_dtype, filter_logits, read_config, sample, stream
+from mamba2.checkpoints import check_device_dtype
+from mamba2.formats import read_config
+from mamba2.generation import filter_logits, sample, stream
+from mamba2.lm import Mamba2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 50   # padded to 56: ids 50..55 are rows of the embedding, not tokens
