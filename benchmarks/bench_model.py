@@ -15,43 +15,60 @@ Ours is `mamba2` with `Mamba2Config.impl` set by `--impls` (default `auto`, the 
 transformers must run its own PyTorch path: keep mamba_ssm off the Python path of this process.
 Usage: `python benchmarks/bench_model.py --device cuda --dtype bfloat16 --out results.json`.
 """
-import argparse, json, statistics, tempfile, time
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
 
 import torch
-
-import mamba2
 from bench_ssd_gpu import env_info
 
+import mamba2
 
-STEP_ROUNDS = 5     # rounds of step timings, each position once per round
+STEP_ROUNDS = 5  # rounds of step timings, each position once per round
 
 
 def timer(device):
     "A function `t(fn, reps)` returning the median seconds of `fn()` after one warm-up call."
+
     def t(fn, reps=5, warmup=1):
         for _ in range(warmup):
             fn()
         ts = []
         for _ in range(reps):
             if device == "cuda":
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(); fn(); e.record(); torch.cuda.synchronize()
+                s, e = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
                 ts.append(s.elapsed_time(e) / 1e3)
             else:
-                t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
         t.last = ts
         return statistics.median(ts)
+
     return t
 
 
 def peak_mib(fn, device):
     "Peak memory during `fn()` above what was in use before, in MiB (CUDA allocator, or the process's RSS on CPU)."
     if device == "cuda":
-        torch.cuda.synchronize(); torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-        fn(); torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:   # resets the high-water mark VmHWM
+    with open("/proc/self/clear_refs", "w") as f:  # resets the high-water mark VmHWM
         f.write("5")
     base = _status("VmRSS")
     fn()
@@ -69,19 +86,40 @@ def rel(a, b):
 
 def build(args, device, dtype):
     "transformers' model and ours (one per implementation in --impls) with the same random weights."
-    from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM
-    cfg = HFConfig(vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.n_layer, state_size=128,
-                   expand=2, head_dim=64, num_heads=2 * args.d_model // 64, n_groups=1, chunk_size=256, conv_kernel=4,
-                   use_bias=False, use_conv_bias=True, residual_in_fp32=True, tie_word_embeddings=True,
-                   layer_norm_epsilon=1e-5, rms_norm=True, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    from transformers import Mamba2Config as HFConfig
+    from transformers import Mamba2ForCausalLM
+
+    cfg = HFConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        num_hidden_layers=args.n_layer,
+        state_size=128,
+        expand=2,
+        head_dim=64,
+        num_heads=2 * args.d_model // 64,
+        n_groups=1,
+        chunk_size=256,
+        conv_kernel=4,
+        use_bias=False,
+        use_conv_bias=True,
+        residual_in_fp32=True,
+        tie_word_embeddings=True,
+        layer_norm_epsilon=1e-5,
+        rms_norm=True,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     hf = Mamba2ForCausalLM(cfg)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = {}
         for impl in args.impls.split(","):
-            model = mamba2.Mamba2LMHeadModel.from_pretrained(d, device=device, dtype=dtype)
-            model.config.impl = impl                   # shared by every block of the model
+            model = mamba2.Mamba2LMHeadModel.from_pretrained(
+                d, device=device, dtype=dtype
+            )
+            model.config.impl = impl  # shared by every block of the model
             ours["mamba2" if impl == "auto" else f"mamba2_{impl}"] = model
     hf = hf.to(device=device, dtype=dtype).eval()
     hf.generation_config.eos_token_id = None
@@ -95,24 +133,45 @@ def main():
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=50288)
-    ap.add_argument("--block", default="1x4096,1x16384", help="(b)x(l) shapes for the block forward")
-    ap.add_argument("--lm", default="1x4096", help="(b)x(l) shapes for the model forward")
+    ap.add_argument(
+        "--block", default="1x4096,1x16384", help="(b)x(l) shapes for the block forward"
+    )
+    ap.add_argument(
+        "--lm", default="1x4096", help="(b)x(l) shapes for the model forward"
+    )
     ap.add_argument("--decode", default="1x64x256", help="(b)x(prompt)x(new tokens)")
     ap.add_argument("--step-positions", default="1024,16384")
-    ap.add_argument("--compile", action="store_true", help="also time our block under torch.compile")
-    ap.add_argument("--compile-max-l", type=int, default=4096, help="compile only up to this length (compile time)")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time our block under torch.compile"
+    )
+    ap.add_argument(
+        "--compile-max-l",
+        type=int,
+        default=4096,
+        help="compile only up to this length (compile time)",
+    )
     ap.add_argument("--parts", default="block,lm,decode,step")
-    ap.add_argument("--impls", default="auto", help="Mamba2Config.impl of our model(s), e.g. auto,chunked")
+    ap.add_argument(
+        "--impls",
+        default="auto",
+        help="Mamba2Config.impl of our model(s), e.g. auto,chunked",
+    )
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--max-transformers-l", type=int, default=1 << 30,
-                    help="skip transformers' block beyond this length (its PyTorch path needs memory ~ l * chunk * heads * state)")
+    ap.add_argument(
+        "--max-transformers-l",
+        type=int,
+        default=1 << 30,
+        help="skip transformers' block beyond this length (its PyTorch path needs memory ~ l * chunk * heads * state)",
+    )
     ap.add_argument("--out", default="bench_model.json")
     args = ap.parse_args()
     dev, dtype = args.device, getattr(torch, args.dtype)
     t = timer(dev)
     res = {"env": env_info(), "config": vars(args), "results": []}
     hf, ours_all = build(args, dev, dtype)
-    ours = list(ours_all.values())[0]           # the first implementation: compiled, and the step
+    ours = list(ours_all.values())[
+        0
+    ]  # the first implementation: compiled, and the step
     res["env"]["impls"] = args.impls
     parts = args.parts.split(",")
 
@@ -125,23 +184,38 @@ def main():
     with torch.inference_mode():
         if "block" in parts:
             theirs = hf.backbone.layers[0].mixer
-            variants = {name: m.backbone.layers[0].mixer for name, m in ours_all.items()} | {"transformers": theirs}
+            variants = {
+                name: m.backbone.layers[0].mixer for name, m in ours_all.items()
+            } | {"transformers": theirs}
             if args.compile and dev == "cuda":
-                variants[list(ours_all)[0] + "_compiled"] = torch.compile(ours.backbone.layers[0].mixer, dynamic=False)
+                variants[list(ours_all)[0] + "_compiled"] = torch.compile(
+                    ours.backbone.layers[0].mixer, dynamic=False
+                )
             for shape in args.block.split(","):
                 b, l = map(int, shape.split("x"))
-                u = torch.randn(b, l, args.d_model, device=dev, dtype=dtype, generator=torch.Generator(dev).manual_seed(1))
+                u = torch.randn(
+                    b,
+                    l,
+                    args.d_model,
+                    device=dev,
+                    dtype=dtype,
+                    generator=torch.Generator(dev).manual_seed(1),
+                )
                 ref = theirs(u) if l <= args.max_transformers_l else None
                 for name, m in variants.items():
                     if name.endswith("_compiled") and l > args.compile_max_l:
                         continue
                     r = {"part": "block", "shape": shape, "variant": name}
                     if ref is None and name == "transformers":
-                        r["error"] = f"skipped: l > --max-transformers-l {args.max_transformers_l}"
+                        r["error"] = (
+                            f"skipped: l > --max-transformers-l {args.max_transformers_l}"
+                        )
                         save(r)
                         continue
                     try:
-                        t0 = time.perf_counter(); y = m(u); dev == "cuda" and torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        y = m(u)
+                        dev == "cuda" and torch.cuda.synchronize()
                         r["first_call_s"] = round(time.perf_counter() - t0, 2)
                         if ref is not None:
                             r["rel_err_vs_transformers"] = rel(y, ref)
@@ -155,9 +229,17 @@ def main():
         if "lm" in parts:
             for shape in args.lm.split(","):
                 b, l = map(int, shape.split("x"))
-                ids = torch.randint(0, args.vocab, (b, l), device=dev, generator=torch.Generator(dev).manual_seed(2))
+                ids = torch.randint(
+                    0,
+                    args.vocab,
+                    (b, l),
+                    device=dev,
+                    generator=torch.Generator(dev).manual_seed(2),
+                )
                 ref = hf(ids).logits
-                fns = {name: (lambda m=m: m(ids)) for name, m in ours_all.items()} | {"transformers": lambda: hf(ids).logits}
+                fns = {name: (lambda m=m: m(ids)) for name, m in ours_all.items()} | {
+                    "transformers": lambda: hf(ids).logits
+                }
                 for name, fn in fns.items():
                     r = {"part": "lm", "shape": shape, "variant": name}
                     try:
@@ -171,10 +253,21 @@ def main():
         if "decode" in parts:
             for shape in args.decode.split(","):
                 b, lp, new = map(int, shape.split("x"))
-                ids = torch.randint(0, args.vocab, (b, lp), device=dev, generator=torch.Generator(dev).manual_seed(3))
+                ids = torch.randint(
+                    0,
+                    args.vocab,
+                    (b, lp),
+                    device=dev,
+                    generator=torch.Generator(dev).manual_seed(3),
+                )
                 outs = {}
-                gens = {name: (lambda m=m: m.generate(ids, new, temperature=0)) for name, m in ours_all.items()}
-                gens["transformers"] = lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                gens = {
+                    name: (lambda m=m: m.generate(ids, new, temperature=0))
+                    for name, m in ours_all.items()
+                }
+                gens["transformers"] = lambda: hf.generate(
+                    ids, max_new_tokens=new, min_new_tokens=new, do_sample=False
+                )
                 for name, fn in gens.items():
                     r = {"part": "decode", "shape": shape, "variant": name}
                     try:
@@ -186,21 +279,51 @@ def main():
                     save(r)
                 mine = [k for k in outs if k != "transformers"]
                 if mine and "transformers" in outs:
-                    same = (outs[mine[0]][:, lp:] == outs["transformers"][:, lp:]).float().mean().item()
-                    save({"part": "decode", "shape": shape, "variant": "agreement", "same_token_fraction": same})
-        if "step" in parts:   # prefill every position first, then time them in turn, round after round: drift hits all alike
+                    same = (
+                        (outs[mine[0]][:, lp:] == outs["transformers"][:, lp:])
+                        .float()
+                        .mean()
+                        .item()
+                    )
+                    save(
+                        {
+                            "part": "decode",
+                            "shape": shape,
+                            "variant": "agreement",
+                            "same_token_fraction": same,
+                        }
+                    )
+        if (
+            "step" in parts
+        ):  # prefill every position first, then time them in turn, round after round: drift hits all alike
             caches = {}
             for pos in map(int, args.step_positions.split(",")):
-                ids = torch.randint(0, args.vocab, (1, pos), device=dev, generator=torch.Generator(dev).manual_seed(4))
+                ids = torch.randint(
+                    0,
+                    args.vocab,
+                    (1, pos),
+                    device=dev,
+                    generator=torch.Generator(dev).manual_seed(4),
+                )
                 caches[pos] = (ids[:, -1], ours.allocate_cache(1))
                 ours.hidden_states(ids, caches[pos][1])
             rounds = {pos: [] for pos in caches}
             for _ in range(STEP_ROUNDS):
                 for pos, (tok, cache) in caches.items():
-                    rounds[pos].append(t(lambda: ours.step(tok, cache), args.reps, warmup=3))
+                    rounds[pos].append(
+                        t(lambda: ours.step(tok, cache), args.reps, warmup=3)
+                    )
             for pos, ts in rounds.items():
-                save({"part": "step", "position": pos, "variant": list(ours_all)[0], "s": statistics.median(ts),
-                      "min_s": min(ts), "rounds_s": ts})
+                save(
+                    {
+                        "part": "step",
+                        "position": pos,
+                        "variant": list(ours_all)[0],
+                        "s": statistics.median(ts),
+                        "min_s": min(ts),
+                        "rounds_s": ts,
+                    }
+                )
     print(json.dumps(res["results"]))
 
 

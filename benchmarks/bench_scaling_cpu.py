@@ -9,11 +9,12 @@ that freed tensors go back to the system at once (`run_cpu.sh` does). The ratio 
 the longest length to the shortest, over the ratio of the lengths, is 1 for linear scaling.
 Usage: `python benchmarks/bench_scaling_cpu.py --lengths 1024,4096,16384 --out scaling_cpu.json`.
 """
-import argparse, json
+
+import argparse
+import json
 
 import torch
-
-from bench_model import timer, peak_mib
+from bench_model import peak_mib, timer
 from bench_ssd_gpu import env_info
 
 
@@ -41,21 +42,37 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     import mamba2
+
     h, p, n, g = map(int, args.heads.split(","))
-    algos = {"scan": mamba2.ssd_scan, "quadratic": mamba2.ssd_quadratic,
-             "ssd": lambda *a: mamba2.ssd(*a, args.chunk_size, impl="auto"),
-             "ssd_chunked": lambda *a: mamba2.ssd(*a, args.chunk_size, impl="chunked")}
-    longest = {"scan": args.max_scan, "quadratic": args.max_quadratic, "ssd_chunked": args.max_chunked}
+    algos = {
+        "scan": mamba2.ssd_scan,
+        "quadratic": mamba2.ssd_quadratic,
+        "ssd": lambda *a: mamba2.ssd(*a, args.chunk_size, impl="auto"),
+        "ssd_chunked": lambda *a: mamba2.ssd(*a, args.chunk_size, impl="chunked"),
+    }
+    longest = {
+        "scan": args.max_scan,
+        "quadratic": args.max_quadratic,
+        "ssd_chunked": args.max_chunked,
+    }
     t = timer("cpu")
-    res = {"env": {**env_info(), "torch_threads": torch.get_num_threads()}, "config": vars(args), "results": []}
+    res = {
+        "env": {**env_info(), "torch_threads": torch.get_num_threads()},
+        "config": vars(args),
+        "results": [],
+    }
     with torch.inference_mode():
         for l in map(int, args.lengths.split(",")):
             X, A, B, C = inputs(l, h, p, n, g)
             for name, fn in algos.items():
                 if l > longest.get(name, l):
                     continue
-                r = {"algo": name, "l": l, "s": t(lambda: fn(X, A, B, C), args.reps if name != "scan" else 1),
-                     "peak_mib": peak_mib(lambda: fn(X, A, B, C), "cpu")}
+                r = {
+                    "algo": name,
+                    "l": l,
+                    "s": t(lambda: fn(X, A, B, C), args.reps if name != "scan" else 1),
+                    "peak_mib": peak_mib(lambda: fn(X, A, B, C), "cpu"),
+                }
                 res["results"].append(r)
                 print(json.dumps(r), flush=True)
                 with open(args.out, "w") as f:
@@ -65,7 +82,9 @@ def main():
         if len(rs) > 1:
             lo, hi = rs[0], rs[-1]
             k = hi["l"] / lo["l"]
-            print(f"{name:10s} l {lo['l']}->{hi['l']} (x{k:.0f}): time x{hi['s'] / lo['s']:.1f}, memory x{hi['peak_mib'] / max(lo['peak_mib'], 1e-9):.1f}")
+            print(
+                f"{name:10s} l {lo['l']}->{hi['l']} (x{k:.0f}): time x{hi['s'] / lo['s']:.1f}, memory x{hi['peak_mib'] / max(lo['peak_mib'], 1e-9):.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,18 @@ Usage
     python benchmarks/bench_ssd_cpu.py --threads 1 --repeats 5 --lengths 1024 4096
     python benchmarks/bench_ssd_cpu.py --lengths 1024 --repeats 1 --out /tmp   # a quick check
 """
-import argparse, ctypes, datetime, json, os, platform, re, statistics, subprocess, sys, time
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +53,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(b=1, h=24, p=64, n=128, g=1)
 CHUNK = 256
-OURS = {"mamba2": "auto", "mamba2_chunked": "chunked"}       # our implementations: name -> impl
+OURS = {
+    "mamba2": "auto",
+    "mamba2_chunked": "chunked",
+}  # our implementations: name -> impl
 IMPLS = (*OURS, "transformers")
 
 
@@ -62,30 +76,51 @@ def runner(impl):
     "A function of the raw inputs returning (Y, final_state), for each implementation."
     if impl in OURS:
         from mamba2 import ssd
-        return lambda x, dt, a, B, C, s0=None: ssd(x * dt[..., None], dt * a, B, C, CHUNK, s0, impl=OURS[impl])
+
+        return lambda x, dt, a, B, C, s0=None: ssd(
+            x * dt[..., None], dt * a, B, C, CHUNK, s0, impl=OURS[impl]
+        )
     from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
-    return lambda x, dt, a, B, C, s0=None: mamba2_chunk_scan(x, dt, a, B, C, CHUNK, initial_states=s0, return_final_states=True)
+
+    return lambda x, dt, a, B, C, s0=None: mamba2_chunk_scan(
+        x, dt, a, B, C, CHUNK, initial_states=s0, return_final_states=True
+    )
 
 
 def mib(key):
-    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    return (
+        int(
+            re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(
+                1
+            )
+        )
+        / 1024
+    )
 
 
 def run_case(impl, l, repeats):
     "One case, in this (fresh) process: the median time of `repeats` calls, then the peak memory of one call."
     f, args = runner(impl), inputs(l)[:5]
-    f(*args)                                                    # warm-up
+    f(*args)  # warm-up
     times = []
-    for _ in range(repeats):                                    # glibc's default allocator, as users run
-        t = time.perf_counter(); f(*args); times.append(time.perf_counter() - t)
+    for _ in range(repeats):  # glibc's default allocator, as users run
+        t = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - t)
     libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 20)                                   # M_MMAP_THRESHOLD = 1 MiB, fixed
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, fixed
     libc.malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")               # reset VmHWM to the current RSS
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = mib("VmRSS")
     f(*args)
     peak = mib("VmHWM") - before
-    return {"impl": impl, "l": l, "seconds": statistics.median(times), "all_seconds": times, "peak_mib": peak}
+    return {
+        "impl": impl,
+        "l": l,
+        "seconds": statistics.median(times),
+        "all_seconds": times,
+        "peak_mib": peak,
+    }
 
 
 def agreement(l=1000):
@@ -103,10 +138,18 @@ def agreement(l=1000):
 def machine():
     cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
     import transformers
-    return {"cpu": cpu.group(1) if cpu else platform.processor(), "logical_cpus": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+
+    return {
+        "cpu": cpu.group(1) if cpu else platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+        ),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def main():
@@ -115,47 +158,96 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--case", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS)   # internal: one subprocess
+    ap.add_argument(
+        "--case", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS
+    )  # internal: one subprocess
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(run_case(args.case[0], int(args.case[1]), args.repeats)))
         return
-    for dtype in (torch.float32, torch.float64):   # the first multi-threaded exp of a process can be inaccurate (tests/conftest.py)
+    for dtype in (
+        torch.float32,
+        torch.float64,
+    ):  # the first multi-threaded exp of a process can be inaccurate (tests/conftest.py)
         torch.exp(torch.randn(1 << 20, dtype=dtype))
     load_before, cases = os.getloadavg(), []
     for l in args.lengths:
         for impl in IMPLS:
-            out = subprocess.run([sys.executable, __file__, "--case", impl, str(l), "--repeats", str(args.repeats),
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    impl,
+                    str(l),
+                    "--repeats",
+                    str(args.repeats),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             cases.append(json.loads(out.stdout.strip().splitlines()[-1]))
             c = cases[-1]
-            print(f"{impl:>14}  l={l:6d}  {c['seconds'] * 1e3:9.1f} ms  peak +{c['peak_mib']:8.1f} MiB", flush=True)
+            print(
+                f"{impl:>14}  l={l:6d}  {c['seconds'] * 1e3:9.1f} ms  peak +{c['peak_mib']:8.1f} MiB",
+                flush=True,
+            )
     res = {(c["impl"], c["l"]): c for c in cases}
     l0 = args.lengths[0]
-    summary = {impl: {str(l): {"length_ratio": l / l0,
-                               "time_ratio": res[impl, l]["seconds"] / res[impl, l0]["seconds"],
-                               "memory_ratio": res[impl, l]["peak_mib"] / res[impl, l0]["peak_mib"]}
-                      for l in args.lengths} for impl in IMPLS}
-    speedup = {impl: {str(l): {"time": res["transformers", l]["seconds"] / res[impl, l]["seconds"],
-                               "peak_memory": res["transformers", l]["peak_mib"] / res[impl, l]["peak_mib"]}
-                      for l in args.lengths} for impl in OURS}
-    report = {"benchmark": "mamba2.ssd (impl auto and chunked) vs transformers mamba2_chunk_scan (pure PyTorch), "
-                           "CPU float32",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "threads": args.threads, "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "shape": SHAPE | {"chunk_size": CHUNK, "dtype": "float32"},
-              "repeats": args.repeats, "agreement": agreement(), "cases": cases,
-              "growth_vs_shortest": summary, "transformers_over_mamba2": speedup}
+    summary = {
+        impl: {
+            str(l): {
+                "length_ratio": l / l0,
+                "time_ratio": res[impl, l]["seconds"] / res[impl, l0]["seconds"],
+                "memory_ratio": res[impl, l]["peak_mib"] / res[impl, l0]["peak_mib"],
+            }
+            for l in args.lengths
+        }
+        for impl in IMPLS
+    }
+    speedup = {
+        impl: {
+            str(l): {
+                "time": res["transformers", l]["seconds"] / res[impl, l]["seconds"],
+                "peak_memory": res["transformers", l]["peak_mib"]
+                / res[impl, l]["peak_mib"],
+            }
+            for l in args.lengths
+        }
+        for impl in OURS
+    }
+    report = {
+        "benchmark": "mamba2.ssd (impl auto and chunked) vs transformers mamba2_chunk_scan (pure PyTorch), "
+        "CPU float32",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "machine": machine(),
+        "threads": args.threads,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "shape": SHAPE | {"chunk_size": CHUNK, "dtype": "float32"},
+        "repeats": args.repeats,
+        "agreement": agreement(),
+        "cases": cases,
+        "growth_vs_shortest": summary,
+        "transformers_over_mamba2": speedup,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ssd_cpu_{report['date'][:10]}_t{args.threads}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     for impl in OURS:
         for l in args.lengths:
             s, m = summary[impl][str(l)], speedup[impl][str(l)]
-            print(f"l={l:6d}: {impl} time x{s['time_ratio']:.2f}, memory x{s['memory_ratio']:.2f} for length "
-                  f"x{s['length_ratio']:.0f}; transformers / {impl}: time {m['time']:.2f}x, peak memory "
-                  f"{m['peak_memory']:.2f}x")
+            print(
+                f"l={l:6d}: {impl} time x{s['time_ratio']:.2f}, memory x{s['memory_ratio']:.2f} for length "
+                f"x{s['length_ratio']:.0f}; transformers / {impl}: time {m['time']:.2f}x, peak memory "
+                f"{m['peak_memory']:.2f}x"
+            )
     print("agreement:", report["agreement"], "\nwrote", path)
 
 

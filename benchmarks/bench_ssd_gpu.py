@@ -20,38 +20,74 @@ own time: launch overhead gone), its peak memory above the inputs
 (`max_memory_allocated` after `reset_peak_memory_stats`), and, for compiled variants, the first-call
 compile time and the number of graphs and graph breaks, reported apart.
 """
-import argparse, datetime, json, os, platform, subprocess, time, traceback
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+import traceback
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-SHAPES = {"8x1k": (8, 1024), "8x4k": (8, 4096), "2x16k": (2, 16384), "1x64k": (1, 65536)}
-H, P, N, G, Q = 24, 64, 128, 1, 256   # mamba2-130m-shaped heads, chunk 256
+SHAPES = {
+    "8x1k": (8, 1024),
+    "8x4k": (8, 4096),
+    "2x16k": (2, 16384),
+    "1x64k": (1, 65536),
+}
+H, P, N, G, Q = 24, 64, 128, 1, 256  # mamba2-130m-shaped heads, chunk 256
 
 
 # ----------------------------------------------------------------------------------------------
 def env_info():
-    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-            "cpu_count": os.cpu_count()}
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+    }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         pass
     if torch.cuda.is_available():
         pr = torch.cuda.get_device_properties(0)
-        info.update(gpu=pr.name, gpu_memory_gib=round(pr.total_memory / 2**30, 1), sm_count=pr.multi_processor_count,
-                    cuda=torch.version.cuda)
+        info.update(
+            gpu=pr.name,
+            gpu_memory_gib=round(pr.total_memory / 2**30, 1),
+            sm_count=pr.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
         try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except Exception:
             pass
     try:
-        info["commit"] = os.environ.get("BENCH_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+        info["commit"] = (
+            os.environ.get("BENCH_COMMIT")
+            or subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(__file__),
+                timeout=10,
+            ).stdout.strip()
+        )
     except Exception:
         pass
     for mod in ("mamba_ssm", "transformers", "mamba2"):
@@ -82,6 +118,7 @@ def sm_clock_mhz():
 def bench(fn, warmup=25, rep=100):
     "Median time in ms of fn() (CUDA events through triton.testing.do_bench), after spinning the GPU up."
     import triton.testing
+
     spin_up()
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
@@ -90,7 +127,7 @@ def graph_ms(fn, *args):
     "Median time of replaying `fn(*args)` captured in a CUDA graph: the GPU's own time, without Python's launch overhead."
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                  # warm-up off the default stream, as capture requires
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
         for _ in range(3):
             fn(*args)
     torch.cuda.current_stream().wait_stream(side)
@@ -121,16 +158,21 @@ def cuda_profile(fn, *args, warmup=1, calls=5, rows=20, width=70):
     for _ in range(warmup):
         fn(*args)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
         for _ in range(calls):
             fn(*args)
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=width)
+    return prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=rows, max_name_column_width=width
+    )
 
 
 def peak_mib(fn):
     "Peak memory allocated during fn() above what was allocated before it, in MiB."
-    torch.cuda.synchronize(); torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = fn()
@@ -150,7 +192,6 @@ def ceilings():
     bb = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t = bench(lambda: a @ bb, 10, 100)
     tf = 2 * 8192**3 / (t * 1e-3) / 1e12
-    del x, y, a, bb
     return {"copy_TBps": round(bw, 2), "bf16_matmul_TFLOPs": round(tf, 1)}
 
 
@@ -158,7 +199,11 @@ def roofline(b, l, h=H, p=P, n=N, g=G, Qn=Q, elem=2):
     "FLOPs of the chunked algorithm (dense blocks) and the fewest bytes: inputs read once, outputs written once."
     c = l // Qn
     flops = 2 * b * c * (g * Qn * Qn * n + h * Qn * Qn * p + 2 * h * Qn * p * n)
-    byts = elem * (2 * b * l * h * p + 2 * b * l * g * n) + 4 * b * l * h + 4 * 2 * b * h * p * n
+    byts = (
+        elem * (2 * b * l * h * p + 2 * b * l * g * n)
+        + 4 * b * l * h
+        + 4 * 2 * b * h * p * n
+    )
     return flops, byts
 
 
@@ -179,41 +224,79 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x1k,8x4k,2x16k,1x64k")
-    ap.add_argument("--variants", default="kernel,minimal,ssd,ssd_compiled",
-                    help="comma-separated; NAME@SHAPE+SHAPE runs NAME at those shapes only")
+    ap.add_argument(
+        "--variants",
+        default="kernel,minimal,ssd,ssd_compiled",
+        help="comma-separated; NAME@SHAPE+SHAPE runs NAME at those shapes only",
+    )
     ap.add_argument("--out", default="bench_ssd_gpu.json")
     ap.add_argument("--no-ceilings", action="store_true")
-    ap.add_argument("--profile", default="", help="variant to profile (kernel table) at the first shape")
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="variant to profile (kernel table) at the first shape",
+    )
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch._dynamo.config.cache_size_limit = 64   # we count recompiles ourselves (below)
+    torch._dynamo.config.cache_size_limit = 64  # we count recompiles ourselves (below)
     info = env_info()
-    res = {"env": info, "config": dict(h=H, p=P, n=N, g=G, chunk_size=Q, dtype="bfloat16"), "results": []}
+    res = {
+        "env": info,
+        "config": dict(h=H, p=P, n=N, g=G, chunk_size=Q, dtype="bfloat16"),
+        "results": [],
+    }
     if not args.no_ceilings:
         res["ceilings"] = ceilings()
         print("ceilings", res["ceilings"], flush=True)
 
     fns = {}
-    only = {v.split("@")[0]: v.split("@")[1].split("+") for v in args.variants.split(",") if "@" in v}
+    only = {
+        v.split("@")[0]: v.split("@")[1].split("+")
+        for v in args.variants.split(",")
+        if "@" in v
+    }
     variants = [v.split("@")[0] for v in args.variants.split(",")]
     if "kernel" in variants:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        fns["kernel"] = lambda x, dt, a, B, C: mamba_chunk_scan_combined(x, dt, a, B, C, chunk_size=Q, return_final_states=True)
+
+        fns["kernel"] = lambda x, dt, a, B, C: mamba_chunk_scan_combined(
+            x, dt, a, B, C, chunk_size=Q, return_final_states=True
+        )
     from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
-    def minimal(x, dt, a, B, C):   # the paper's listing: one dtype for all, B and C per head
+
+    def minimal(
+        x, dt, a, B, C
+    ):  # the paper's listing: one dtype for all, B and C per head
         A = (dt * a).to(x.dtype)
-        return ssd_minimal_discrete(x * dt[..., None].to(x.dtype), A, B.expand(-1, -1, H, -1), C.expand(-1, -1, H, -1), Q)
+        return ssd_minimal_discrete(
+            x * dt[..., None].to(x.dtype),
+            A,
+            B.expand(-1, -1, H, -1),
+            C.expand(-1, -1, H, -1),
+            Q,
+        )
+
     fns["minimal"] = minimal
     import mamba2
+
     for name, impl in (("ssd", "auto"), ("ssd_chunked", "chunked")):
+
         def ours(x, dt, a, B, C, impl=impl):
             return mamba2.ssd(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, impl=impl)
+
         fns[name] = ours
-    if "hf" in variants:   # transformers' pure-PyTorch SSD (its wrapper may route to mamba_ssm: unwrap it)
+    if (
+        "hf" in variants
+    ):  # transformers' pure-PyTorch SSD (its wrapper may route to mamba_ssm: unwrap it)
         try:
             from transformers.models.mamba2 import modeling_mamba2 as hfm
-            hf_scan = getattr(hfm.mamba2_chunk_scan, "__wrapped__", hfm.mamba2_chunk_scan)
-            fns["hf"] = lambda x, dt, a, B, C: hf_scan(x, dt, a, B, C, Q, return_final_states=True)
+
+            hf_scan = getattr(
+                hfm.mamba2_chunk_scan, "__wrapped__", hfm.mamba2_chunk_scan
+            )
+            fns["hf"] = lambda x, dt, a, B, C: hf_scan(
+                x, dt, a, B, C, Q, return_final_states=True
+            )
         except Exception as e:
             print("transformers' mamba2_chunk_scan not found:", e, flush=True)
 
@@ -221,31 +304,55 @@ def main():
         b, l = SHAPES[shape]
         x, dt, a, B, C = make_inputs(b, l, torch.bfloat16)
         # float64 reference: the paper's listing, exact arithmetic aside from float64 rounding
-        Xd, Bd, Cd = (t.double() for t in (x * dt[..., None], B.expand(-1, -1, H, -1), C.expand(-1, -1, H, -1)))
+        Xd, Bd, Cd = (
+            t.double()
+            for t in (
+                x * dt[..., None],
+                B.expand(-1, -1, H, -1),
+                C.expand(-1, -1, H, -1),
+            )
+        )
         Yref, Sref = ssd_minimal_discrete(Xd, (dt * a).double(), Bd, Cd, Q)
         del Xd, Bd, Cd
         torch.cuda.empty_cache()
         fl, by = roofline(b, l)
-        print(f"== {shape}: b={b} l={l}  {fl/1e9:.1f} GFLOP  {by/1e9:.3f} GB", flush=True)
+        print(
+            f"== {shape}: b={b} l={l}  {fl / 1e9:.1f} GFLOP  {by / 1e9:.3f} GB",
+            flush=True,
+        )
         for v in variants:
             base = v.replace("_compiled", "")
             if base not in fns or shape not in only.get(v, [shape]):
                 continue
-            r = {"shape": shape, "b": b, "l": l, "variant": v, "gflop": fl / 1e9, "gbytes": by / 1e9}
+            r = {
+                "shape": shape,
+                "b": b,
+                "l": l,
+                "variant": v,
+                "gflop": fl / 1e9,
+                "gbytes": by / 1e9,
+            }
             try:
                 fn = fns[base]
                 if v.endswith("_compiled"):
                     torch._dynamo.reset()
                     from torch._dynamo.utils import counters
+
                     counters.clear()
                     fn = torch.compile(fn, dynamic=False)
-                    t0 = time.perf_counter(); fn(x, dt, a, B, C); torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fn(x, dt, a, B, C)
+                    torch.cuda.synchronize()
                     r["first_call_s"] = round(time.perf_counter() - t0, 2)
                     r["graphs"] = int(counters["stats"]["unique_graphs"])
                     r["graph_breaks"] = int(sum(counters["graph_break"].values()))
                 elif v == "kernel":
-                    t0 = time.perf_counter(); fn(x, dt, a, B, C); torch.cuda.synchronize()
-                    r["first_call_s"] = round(time.perf_counter() - t0, 2)   # Triton compile + autotune
+                    t0 = time.perf_counter()
+                    fn(x, dt, a, B, C)
+                    torch.cuda.synchronize()
+                    r["first_call_s"] = round(
+                        time.perf_counter() - t0, 2
+                    )  # Triton compile + autotune
                 Y, S = fn(x, dt, a, B, C)
                 r["rel_err_y"], r["rel_err_state"] = rel(Y, Yref), rel(S, Sref)
                 del Y, S
@@ -258,7 +365,9 @@ def main():
                 torch.cuda.synchronize()
                 r["peak_mib"] = peak_mib(lambda: fn(x, dt, a, B, C))
                 if v.endswith("_compiled"):
-                    r["recompiles_after_warmup"] = int(counters["stats"]["unique_graphs"]) - r["graphs"]
+                    r["recompiles_after_warmup"] = (
+                        int(counters["stats"]["unique_graphs"]) - r["graphs"]
+                    )
             except torch.cuda.OutOfMemoryError as e:
                 r["error"] = "OOM: " + str(e).split("\n")[0][:200]
             except Exception as e:
@@ -267,23 +376,39 @@ def main():
             record(res, r, args.out)
         if args.profile in fns and shape == args.shapes.split(",")[0]:
             table = cuda_profile(fns[args.profile], x, dt, a, B, C)
-            res["profile"] = {"variant": args.profile, "shape": shape, "calls": 5, "table": table}
+            res["profile"] = {
+                "variant": args.profile,
+                "shape": shape,
+                "calls": 5,
+                "table": table,
+            }
             print(table, flush=True)
             save(res, args.out)
-        del x, dt, a, B, C, Yref, Sref
+        x = dt = a = B = C = Yref = Sref = (
+            None  # free the GPU memory before the next shape
+        )
         torch.cuda.empty_cache()
 
     # the short table last
-    kern = {r["shape"]: r for r in res["results"] if r["variant"] == "kernel" and "ms" in r}
-    print(f"{'shape':7s} {'variant':18s} {'ms':>8s} {'x kern':>7s} {'graph':>7s} {'x kern':>7s} {'MiB':>8s} {'x kern':>7s} {'err_y':>8s} {'first s':>7s}")
+    kern = {
+        r["shape"]: r for r in res["results"] if r["variant"] == "kernel" and "ms" in r
+    }
+    print(
+        f"{'shape':7s} {'variant':18s} {'ms':>8s} {'x kern':>7s} {'graph':>7s} {'x kern':>7s} {'MiB':>8s} {'x kern':>7s} {'err_y':>8s} {'first s':>7s}"
+    )
     for r in res["results"]:
         k = kern.get(r["shape"])
         if "ms" not in r:
-            print(f"{r['shape']:7s} {r['variant']:18s} {r.get('error','')[:60]}")
+            print(f"{r['shape']:7s} {r['variant']:18s} {r.get('error', '')[:60]}")
             continue
-        gk, gr = (k or {}).get("graph_ms", float("nan")), r.get("graph_ms", float("nan"))
-        print(f"{r['shape']:7s} {r['variant']:18s} {r['ms']:8.3f} {r['ms']/k['ms'] if k else float('nan'):7.2f} {gr:7.3f} {gr / gk:7.2f} "
-              f"{r['peak_mib']:8.0f} {r['peak_mib']/k['peak_mib'] if k else float('nan'):7.2f} {r['rel_err_y']:8.1e} {r.get('first_call_s', 0):7.1f}")
+        gk, gr = (
+            (k or {}).get("graph_ms", float("nan")),
+            r.get("graph_ms", float("nan")),
+        )
+        print(
+            f"{r['shape']:7s} {r['variant']:18s} {r['ms']:8.3f} {r['ms'] / k['ms'] if k else float('nan'):7.2f} {gr:7.3f} {gr / gk:7.2f} "
+            f"{r['peak_mib']:8.0f} {r['peak_mib'] / k['peak_mib'] if k else float('nan'):7.2f} {r['rel_err_y']:8.1e} {r.get('first_call_s', 0):7.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
 
 Prints the median time per call (CUDA events, after warm-up) and the peak memory of each shape.
 """
-import argparse, json, statistics
+
+import argparse
+import json
+import statistics
 
 import torch
 
@@ -20,7 +23,9 @@ def main():
     results = []
     for impl in args.impls.split(","):
         torch.manual_seed(0)
-        block = Mamba2(Mamba2Config(d_model=768, impl=impl), device="cuda", dtype=torch.bfloat16).eval()
+        block = Mamba2(
+            Mamba2Config(d_model=768, impl=impl), device="cuda", dtype=torch.bfloat16
+        ).eval()
         for shape in args.shapes.split(","):
             b, l = map(int, shape.split("x"))
             u = torch.randn(b, l, 768, device="cuda", dtype=torch.bfloat16)
@@ -32,14 +37,22 @@ def main():
                 base = torch.cuda.memory_allocated()
                 times = []
                 for _ in range(args.reps):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start, end = (
+                        torch.cuda.Event(enable_timing=True),
+                        torch.cuda.Event(enable_timing=True),
+                    )
                     start.record()
                     block(u)
                     end.record()
                     torch.cuda.synchronize()
                     times.append(start.elapsed_time(end))
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            row = dict(impl=impl, shape=shape, ms=statistics.median(times), peak_mib=round(peak, 1))
+            row = dict(
+                impl=impl,
+                shape=shape,
+                ms=statistics.median(times),
+                peak_mib=round(peak, 1),
+            )
             print(json.dumps(row), flush=True)
             results.append(row)
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -3,9 +3,12 @@
 It shares no code with `mamba2`: every head, channel and group index is spelled out, so a bug in
 the package's einsums or group handling cannot hide in the oracle too.
 """
+
 import torch
 
-from mamba2.scan import random_ssd_inputs as random_inputs, rel_err  # noqa: F401  (inputs, not the oracle)
+# re-exported for the tests: the inputs and the error measure, not the oracle
+from mamba2.scan import random_ssd_inputs as random_inputs  # noqa: F401
+from mamba2.scan import rel_err  # noqa: F401
 
 
 def naive_ssd(X, A, B, C, initial_states=None):
@@ -13,13 +16,18 @@ def naive_ssd(X, A, B, C, initial_states=None):
     X, A, B, C = (t.detach().double() for t in (X, A, B, C))
     b, l, h, p = X.shape
     g, n = B.shape[2:]
-    state = torch.zeros(b, h, p, n, dtype=torch.float64) if initial_states is None else initial_states.detach().double().clone()
+    state = (
+        torch.zeros(b, h, p, n, dtype=torch.float64)
+        if initial_states is None
+        else initial_states.detach().double().clone()
+    )
     Y = torch.zeros(b, l, h, p, dtype=torch.float64)
     for t in range(l):
         for i in range(h):
             grp = i // (h // g)
-            state[:, i] = torch.exp(A[:, t, i])[:, None, None] * state[:, i] + X[:, t, i, :, None] * B[:, t, grp, None, :]
+            state[:, i] = (
+                torch.exp(A[:, t, i])[:, None, None] * state[:, i]
+                + X[:, t, i, :, None] * B[:, t, grp, None, :]
+            )
             Y[:, t, i] = (state[:, i] * C[:, t, grp, None, :]).sum(-1)
     return Y, state
-
-

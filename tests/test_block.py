@@ -4,33 +4,48 @@ from dataclasses import asdict
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mamba2 import Mamba2, Mamba2Config, RMSNormGated
 from block_oracle import randomize_, reference_block
 from oracle import rel_err
 
-SMALL = dict(d_model=32, d_state=8, headdim=8, chunk_size=8)          # 8 heads of 8, state 8, Q = 8
+from mamba2 import Mamba2, Mamba2Config, RMSNormGated
+
+SMALL = dict(
+    d_model=32, d_state=8, headdim=8, chunk_size=8
+)  # 8 heads of 8, state 8, Q = 8
 
 
 def hf_mixer(c):
     "transformers' Mamba2Mixer with the sizes of our config `c`."
     from transformers import Mamba2Config as HFConfig
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
-    hf = HFConfig(hidden_size=c.d_model, expand=c.expand, num_heads=c.nheads, head_dim=c.headdim, state_size=c.d_state,
-                  n_groups=c.ngroups, conv_kernel=c.d_conv, chunk_size=c.chunk_size, use_bias=c.bias,
-                  use_conv_bias=c.conv_bias, layer_norm_epsilon=1e-5, time_step_limit=c.dt_limit,
-                  num_hidden_layers=1, vocab_size=16)
+
+    hf = HFConfig(
+        hidden_size=c.d_model,
+        expand=c.expand,
+        num_heads=c.nheads,
+        head_dim=c.headdim,
+        state_size=c.d_state,
+        n_groups=c.ngroups,
+        conv_kernel=c.d_conv,
+        chunk_size=c.chunk_size,
+        use_bias=c.bias,
+        use_conv_bias=c.conv_bias,
+        layer_norm_epsilon=1e-5,
+        time_step_limit=c.dt_limit,
+        num_hidden_layers=1,
+        vocab_size=16,
+    )
     return Mamba2Mixer(hf, layer_idx=0).eval()
 
 
-@pytest.mark.parametrize("l", [1, 3, 7, 9, 21, 43])                  # none a multiple of Q = 8
+@pytest.mark.parametrize("l", [1, 3, 7, 9, 21, 43])  # none a multiple of Q = 8
 @pytest.mark.parametrize("extra", [{}, dict(bias=True), dict(dt_limit=(0.05, 0.5))])
 def test_matches_transformers_mixer_float32(l, extra):
     cfg = Mamba2Config(**SMALL, **extra)
     theirs = randomize_(hf_mixer(cfg))
     ours = Mamba2(cfg)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    theirs.load_state_dict(ours.state_dict(), strict=True)             # and the other way round
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # and the other way round
     u = torch.randn(2, l, cfg.d_model, generator=torch.Generator().manual_seed(l))
     with torch.no_grad():
         assert rel_err(ours(u), theirs(u)) < 1e-5
@@ -57,8 +72,10 @@ def test_matches_float64_token_by_token_reference(variant, l):
     u = torch.randn(2, l, cfg.d_model, generator=torch.Generator().manual_seed(1))
     y_ref, _ = reference_block(block, u)
     with torch.no_grad():
-        assert rel_err(block(u), y_ref) < 1e-5                        # float32
-        assert rel_err(block.double()(u.double()), y_ref) < 1e-10     # float64: the same function, exactly
+        assert rel_err(block(u), y_ref) < 1e-5  # float32
+        assert (
+            rel_err(block.double()(u.double()), y_ref) < 1e-10
+        )  # float64: the same function, exactly
 
 
 def test_dt_limit_is_active_in_the_comparison():
@@ -66,8 +83,8 @@ def test_dt_limit_is_active_in_the_comparison():
     block = randomize_(Mamba2(cfg))
     u = torch.randn(2, 13, cfg.d_model)
     with torch.no_grad():
-        dt = F.softplus(block.in_proj(u)[..., -cfg.nheads:] + block.dt_bias)
-        assert (dt < 0.05).any() and (dt > 0.5).any()                 # both ends of the clamp are hit
+        dt = F.softplus(block.in_proj(u)[..., -cfg.nheads :] + block.dt_bias)
+        assert (dt < 0.05).any() and (dt > 0.5).any()  # both ends of the clamp are hit
         unclamped = Mamba2(Mamba2Config(**SMALL))
         unclamped.load_state_dict(block.state_dict())
         assert rel_err(unclamped(u), block(u)) > 1e-3
@@ -81,7 +98,7 @@ def test_initial_states_and_segments_match_reference(impl):
     s0 = torch.randn(3, cfg.nheads, cfg.headdim, cfg.d_state)
     y_ref, _ = reference_block(block, u, s0)
     with torch.no_grad():
-        for seg in (8, 16, 10**6):                    # tokens per segment on a CPU
+        for seg in (8, 16, 10**6):  # tokens per segment on a CPU
             block.cpu_segment = seg
             assert rel_err(block(u, initial_states=s0), y_ref) < 1e-5
 
@@ -92,21 +109,36 @@ def test_grouped_norm_differs_from_ungrouped():
     assert rel_err(RMSNormGated(16)(y, z), norm(y, z)) > 0.05
     y2 = y.clone()
     y2[:, :8] *= 100
-    assert torch.equal(norm(y2, z)[:, 8:], norm(y, z)[:, 8:])   # same call, same values in group 1
+    assert torch.equal(
+        norm(y2, z)[:, 8:], norm(y, z)[:, 8:]
+    )  # same call, same values in group 1
 
 
 def test_init_statistics_and_no_weight_decay():
     torch.manual_seed(0)
-    cfg = Mamba2Config(d_model=64, expand=32, headdim=1, d_state=1, dt_min=1e-5, dt_max=1e-1, dt_init_floor=1e-4,
-                       A_init_range=(2, 5), learnable_init_states=True)   # 2048 heads
+    cfg = Mamba2Config(
+        d_model=64,
+        expand=32,
+        headdim=1,
+        d_state=1,
+        dt_min=1e-5,
+        dt_max=1e-1,
+        dt_init_floor=1e-4,
+        A_init_range=(2, 5),
+        learnable_init_states=True,
+    )  # 2048 heads
     block = Mamba2(cfg)
     dt = F.softplus(block.dt_bias.detach().double())
     assert dt.min() >= 1e-4 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5)
-    assert ((dt - 1e-4).abs() < 1e-9).float().mean() > 0.15           # log-uniform on [1e-5, 1e-1]: 1/4 floored
+    assert (
+        (dt - 1e-4).abs() < 1e-9
+    ).float().mean() > 0.15  # log-uniform on [1e-5, 1e-1]: 1/4 floored
     A = block.A_log.detach().exp()
     assert A.min() >= 2 and A.max() <= 5 and abs(A.mean().item() - 3.5) < 0.1
     assert torch.equal(block.D.detach(), torch.ones(cfg.nheads))
-    flagged = {n for n, p in block.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    flagged = {
+        n for n, p in block.named_parameters() if getattr(p, "_no_weight_decay", False)
+    }
     assert flagged == {"dt_bias", "A_log", "D", "init_states"}
 
 
@@ -137,7 +169,11 @@ def test_bfloat16_close_to_float32():
     with torch.no_grad():
         y32 = block(u)
         y16 = block.to(torch.bfloat16)(u.bfloat16())
-    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all() and rel_err(y16, y32) < 0.03
+    assert (
+        y16.dtype == torch.bfloat16
+        and torch.isfinite(y16).all()
+        and rel_err(y16, y32) < 0.03
+    )
 
 
 def test_follows_the_input_device():
@@ -149,17 +185,31 @@ def test_follows_the_input_device():
 
 
 BAD_CONFIGS = {
-    "d_model": dict(d_model=0), "n_layer": dict(n_layer=-1), "d_conv": dict(d_conv=0),
-    "headdim": dict(headdim=7), "ngroups": dict(ngroups=3), "chunk_size": dict(chunk_size=0),
-    "vocab_size": dict(vocab_size=0), "A_init_range": dict(A_init_range=(5, 2)), "dt_min": dict(dt_min=0.2),
-    "dt_init_floor": dict(dt_init_floor=-1.0), "dt_limit": dict(dt_limit=(0.5, 0.1)),
-    "dt_max": dict(dt_max=float("inf")), "dt_limit ": dict(dt_limit=(0.0, float("nan"))),
+    "d_model": dict(d_model=0),
+    "n_layer": dict(n_layer=-1),
+    "d_conv": dict(d_conv=0),
+    "headdim": dict(headdim=7),
+    "ngroups": dict(ngroups=3),
+    "chunk_size": dict(chunk_size=0),
+    "vocab_size": dict(vocab_size=0),
+    "A_init_range": dict(A_init_range=(5, 2)),
+    "dt_min": dict(dt_min=0.2),
+    "dt_init_floor": dict(dt_init_floor=-1.0),
+    "dt_limit": dict(dt_limit=(0.5, 0.1)),
+    "dt_max": dict(dt_max=float("inf")),
+    "dt_limit ": dict(dt_limit=(0.0, float("nan"))),
 }
 BAD_CONFIG_TYPES = {
-    "d_state": dict(d_state=2.5), "expand": dict(expand=True), "d_model": dict(d_model="32"),
-    "A_init_range": dict(A_init_range=1), "dt_limit": dict(dt_limit=(0.0, 1.0, 2.0)),
-    "dt_min": dict(dt_min="0.001"), "norm_before_gate": dict(norm_before_gate="no"),
-    "bias": dict(bias=1), "headdim": dict(headdim=None), "impl": dict(impl="triton?"),
+    "d_state": dict(d_state=2.5),
+    "expand": dict(expand=True),
+    "d_model": dict(d_model="32"),
+    "A_init_range": dict(A_init_range=1),
+    "dt_limit": dict(dt_limit=(0.0, 1.0, 2.0)),
+    "dt_min": dict(dt_min="0.001"),
+    "norm_before_gate": dict(norm_before_gate="no"),
+    "bias": dict(bias=1),
+    "headdim": dict(headdim=None),
+    "impl": dict(impl="triton?"),
 }
 
 
@@ -190,6 +240,11 @@ def test_bad_input_raises():
         with pytest.raises(TypeError, match="u must be a floating-point tensor"):
             block(u)
     cache = type("Cache", (), {})()
-    cache.conv_state, cache.ssm_state = torch.zeros(2, block.conv_dim, 4), torch.zeros(2, 8, 8, 8)
+    cache.conv_state, cache.ssm_state = (
+        torch.zeros(2, block.conv_dim, 4),
+        torch.zeros(2, 8, 8, 8),
+    )
     with pytest.raises(ValueError, match="not both"):
-        block(torch.randn(2, 5, 32), initial_states=torch.zeros(2, 8, 8, 8), cache=cache)
+        block(
+            torch.randn(2, 5, 32), initial_states=torch.zeros(2, 8, 8, 8), cache=cache
+        )

@@ -7,7 +7,16 @@ localhost. A full-page screenshot of each page goes to _build/screenshots/.
 Needs a built book (`jupyter-book build .`) and Debian's chromium + chromium-driver. Without them
 the tests are skipped, unless BOOK_BROWSER_TEST=required (as in .ci/run), which makes them fail.
 """
-import base64, functools, html.parser, http.server, json, os, re, shutil, threading
+
+import base64
+import functools
+import html.parser
+import http.server
+import json
+import os
+import re
+import shutil
+import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -21,11 +30,20 @@ CHROMEDRIVER = os.environ.get("BOOK_CHROMEDRIVER", "/usr/bin/chromedriver")
 REQUIRED = os.environ.get("BOOK_BROWSER_TEST") == "required"
 # A CDN that a default Sphinx build would load MathJax from: the offline check below must fail to reach it.
 CDN_MATHJAX = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1280,900",
-         # every host name but localhost resolves to nothing, so no request can leave the machine
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+    # every host name but localhost resolves to nothing, so no request can leave the machine
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+]
 
 
 def missing():
@@ -44,8 +62,11 @@ def pages():
     "Every HTML page of the site, relative to it (the theme's and Sphinx's own folders excluded)."
     if not SITE.exists():
         return []
-    return sorted(str(p.relative_to(SITE)) for p in SITE.rglob("*.html")
-                  if not p.relative_to(SITE).parts[0].startswith("_"))
+    return sorted(
+        str(p.relative_to(SITE))
+        for p in SITE.rglob("*.html")
+        if not p.relative_to(SITE).parts[0].startswith("_")
+    )
 
 
 def test_site_can_be_tested():
@@ -61,20 +82,43 @@ MATHJAX_SRC = re.compile(r"<script[^>]*src=\"([^\"]*mathjax[^\"]*)\"", re.I)
 def test_mathjax_is_bundled():
     "No page loads MathJax from a CDN: every page points at the copy in _build/html/_static/mathjax."
     if not SITE.joinpath("index.html").exists():
-        (pytest.fail if REQUIRED else pytest.skip)(f"{SITE.relative_to(ROOT)} does not exist: build the book first")
-    assert SITE.joinpath("_static", "mathjax", "tex-chtml.js").is_file(), "the bundled MathJax is missing"
-    srcs = {page: MATHJAX_SRC.findall(SITE.joinpath(page).read_text(encoding="utf-8")) for page in pages()}
-    remote = {page: s for page, found in srcs.items() for s in found if "://" in s or "_static/mathjax/" not in s}
+        (pytest.fail if REQUIRED else pytest.skip)(
+            f"{SITE.relative_to(ROOT)} does not exist: build the book first"
+        )
+    assert SITE.joinpath("_static", "mathjax", "tex-chtml.js").is_file(), (
+        "the bundled MathJax is missing"
+    )
+    srcs = {
+        page: MATHJAX_SRC.findall(SITE.joinpath(page).read_text(encoding="utf-8"))
+        for page in pages()
+    }
+    remote = {
+        page: s
+        for page, found in srcs.items()
+        for s in found
+        if "://" in s or "_static/mathjax/" not in s
+    }
     assert not remote, f"pages that load MathJax from elsewhere: {remote}"
-    with_math = [p for p in srcs if 'class="math' in SITE.joinpath(p).read_text(encoding="utf-8")]
-    assert len(with_math) >= 3 and all(srcs[p] for p in with_math), f"pages with math but no MathJax: {srcs}"
+    with_math = [
+        p for p in srcs if 'class="math' in SITE.joinpath(p).read_text(encoding="utf-8")
+    ]
+    assert len(with_math) >= 3 and all(srcs[p] for p in with_math), (
+        f"pages with math but no MathJax: {srcs}"
+    )
 
 
 def test_colab_install_cell_is_not_rendered():
     "Each chapter's first cell (tagged remove-cell) installs the package in Colab; readers of the site never see it."
     if not SITE.joinpath("index.html").exists():
-        (pytest.fail if REQUIRED else pytest.skip)(f"{SITE.relative_to(ROOT)} does not exist: build the book first")
-    shown = [p for p in pages() if "git+https://github.com/mamba2-book" in SITE.joinpath(p).read_text(encoding="utf-8")]
+        (pytest.fail if REQUIRED else pytest.skip)(
+            f"{SITE.relative_to(ROOT)} does not exist: build the book first"
+        )
+    shown = [
+        p
+        for p in pages()
+        if "git+https://github.com/mamba2-book"
+        in SITE.joinpath(p).read_text(encoding="utf-8")
+    ]
     assert not shown, f"pages that show the Colab install cell: {shown}"
 
 
@@ -88,7 +132,9 @@ def server():
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(SITE)))
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(SITE))
+    )
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -102,9 +148,13 @@ def browser(server, tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+    for flag in FLAGS + [
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"
+    ]:
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    options.set_capability(
+        "goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"}
+    )
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(30)
     driver.set_script_timeout(30)
@@ -123,9 +173,18 @@ def requests_and_failures(driver):
         if msg["method"] == "Network.requestWillBeSent":
             by_id[params["requestId"]] = params["request"]["url"]
             urls.append(params["request"]["url"])
-        elif msg["method"] == "Network.responseReceived" and params["response"]["status"] >= 400:
-            failed.append(f"{params['response']['url']}: HTTP {params['response']['status']}")
-        elif msg["method"] == "Network.loadingFailed" and not params.get("canceled") and params["requestId"] in by_id:
+        elif (
+            msg["method"] == "Network.responseReceived"
+            and params["response"]["status"] >= 400
+        ):
+            failed.append(
+                f"{params['response']['url']}: HTTP {params['response']['status']}"
+            )
+        elif (
+            msg["method"] == "Network.loadingFailed"
+            and not params.get("canceled")
+            and params["requestId"] in by_id
+        ):
             # (requests sent before the page's navigation are not the page's: Chromium's own start-up
             # page fails to resolve a name at launch, as it should under --host-resolver-rules)
             failed.append(f"{by_id[params['requestId']]}: {params.get('errorText')}")
@@ -134,6 +193,7 @@ def requests_and_failures(driver):
 
 class Ids(html.parser.HTMLParser):
     "The id and name attributes of one HTML file: the anchors a link can point to."
+
     def __init__(self, text):
         super().__init__()
         self.ids = set()
@@ -160,8 +220,14 @@ def broken_links(hrefs, origin, page):
             target = target / "index.html"
         if not target.is_file():
             broken.append(f"{href} (no file {target.relative_to(SITE)})")
-        elif url.fragment and target.suffix == ".html" and unquote(url.fragment) not in anchors(target):
-            broken.append(f"{href} (no anchor #{url.fragment} in {target.relative_to(SITE)})")
+        elif (
+            url.fragment
+            and target.suffix == ".html"
+            and unquote(url.fragment) not in anchors(target)
+        ):
+            broken.append(
+                f"{href} (no anchor #{url.fragment} in {target.relative_to(SITE)})"
+            )
     return broken
 
 
@@ -191,34 +257,65 @@ const done = arguments[arguments.length - 1];
 })().catch(e => done({error: String(e)}));
 """
 # raw TeX in the prose: display or inline delimiters, $...\cmd...$, or a bare \command (as a .bib title can leave)
-RAW_TEX = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$|\\[A-Za-z]{2,}")
+RAW_TEX = re.compile(
+    r"\$\$|\\\(|\\\)|\\\[|\\\]|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$|\\[A-Za-z]{2,}"
+)
 
 
 @pytest.mark.parametrize("page", pages())
 def test_page(page, server, browser):
-    browser.get_log("browser"), browser.get_log("performance")       # start both logs afresh
+    browser.get_log("browser"), browser.get_log("performance")  # start both logs afresh
     browser.get(f"{server}/{page}")
-    if 'http-equiv="Refresh"' in SITE.joinpath(page).read_text(encoding="utf-8"):     # the root's redirect
+    if 'http-equiv="Refresh"' in SITE.joinpath(page).read_text(
+        encoding="utf-8"
+    ):  # the root's redirect
         from selenium.webdriver.support.ui import WebDriverWait
-        WebDriverWait(browser, 10).until(lambda d: d.current_url != f"{server}/{page}"
-                                         and d.execute_script("return document.readyState") == "complete")
+
+        WebDriverWait(browser, 10).until(
+            lambda d: (
+                d.current_url != f"{server}/{page}"
+                and d.execute_script("return document.readyState") == "complete"
+            )
+        )
     seen = browser.execute_async_script(INSPECT)
     assert "error" not in seen, seen
     urls, failed = requests_and_failures(browser)
-    console = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    console = [
+        e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"
+    ]
 
-    full_page = {"x": 0, "y": 0, "width": 1280, "height": min(seen["height"], 16000), "scale": 1}
-    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": full_page})
-    SHOTS.joinpath(page.replace("/", "__").replace(".html", ".png")).write_bytes(base64.b64decode(shot["data"]))
+    full_page = {
+        "x": 0,
+        "y": 0,
+        "width": 1280,
+        "height": min(seen["height"], 16000),
+        "scale": 1,
+    }
+    shot = browser.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {"format": "png", "captureBeyondViewport": True, "clip": full_page},
+    )
+    SHOTS.joinpath(page.replace("/", "__").replace(".html", ".png")).write_bytes(
+        base64.b64decode(shot["data"])
+    )
 
     assert not console, f"console errors: {console}"
     assert not failed, f"failed requests: {failed}"
-    outside = [u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss") and not u.startswith(server)]
+    outside = [
+        u
+        for u in urls
+        if urlsplit(u).scheme in ("http", "https", "ws", "wss")
+        and not u.startswith(server)
+    ]
     assert not outside, f"requests that leave localhost: {outside}"
-    assert all(src.startswith(f"{server}/_static/mathjax/") for src in seen["mathjaxSrc"]), seen["mathjaxSrc"]
+    assert all(
+        src.startswith(f"{server}/_static/mathjax/") for src in seen["mathjaxSrc"]
+    ), seen["mathjaxSrc"]
     if seen["mathSource"]:
         assert seen["mathjax"], "the page has math but MathJax did not load"
-        assert seen["typeset"] >= seen["mathSource"], f"{seen['mathSource']} equations but only {seen['typeset']} typeset"
+        assert seen["typeset"] >= seen["mathSource"], (
+            f"{seen['mathSource']} equations but only {seen['typeset']} typeset"
+        )
         assert seen["mathErrors"] == 0, f"{seen['mathErrors']} MathJax errors"
     raw = RAW_TEX.findall(seen["text"])
     assert not raw, f"raw TeX left in the text: {raw[:5]}"
@@ -232,7 +329,11 @@ def test_chapters_have_typeset_math(server, browser):
     "The check above is not vacuous: the chapters do have equations, and MathJax typeset them."
     browser.get(f"{server}/book/02_segsum.html")
     seen = browser.execute_async_script(INSPECT)
-    assert seen["mathjax"] and seen["mathSource"] >= 10 and seen["typeset"] >= seen["mathSource"]
+    assert (
+        seen["mathjax"]
+        and seen["mathSource"] >= 10
+        and seen["typeset"] >= seen["mathSource"]
+    )
 
 
 def test_browser_is_offline(server, browser):
@@ -240,8 +341,12 @@ def test_browser_is_offline(server, browser):
     browser.get(f"{server}/index.html")
     result = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
-        "fetch(arguments[0], {mode: 'no-cors'}).then(() => done('fetched'), e => done('failed: ' + e));", CDN_MATHJAX)
-    assert result.startswith("failed"), f"the browser reached {CDN_MATHJAX}: the offline check proves nothing"
+        "fetch(arguments[0], {mode: 'no-cors'}).then(() => done('fetched'), e => done('failed: ' + e));",
+        CDN_MATHJAX,
+    )
+    assert result.startswith("failed"), (
+        f"the browser reached {CDN_MATHJAX}: the offline check proves nothing"
+    )
     browser.get_log("browser"), browser.get_log("performance")
 
 
@@ -254,12 +359,16 @@ def visible(driver, selector):
         "return [...document.querySelectorAll(arguments[0])].some(e => {"
         "const r = e.getBoundingClientRect(), s = getComputedStyle(e);"
         "return r.width > 0 && r.height > 0 && r.right > 0 && r.left < window.innerWidth"
-        " && s.visibility !== 'hidden' && s.display !== 'none'; });", selector)
+        " && s.visibility !== 'hidden' && s.display !== 'none'; });",
+        selector,
+    )
 
 
 def click_visible(driver, selector):
     "Click the one button matching `selector` that a reader can see, as a reader would."
-    buttons = [b for b in driver.find_elements("css selector", selector) if b.is_displayed()]
+    buttons = [
+        b for b in driver.find_elements("css selector", selector) if b.is_displayed()
+    ]
     assert len(buttons) == 1, f"{len(buttons)} visible {selector} buttons"
     buttons[0].click()
 
@@ -268,6 +377,7 @@ def click_visible(driver, selector):
 def test_sidebars_open_and_close(width, server, browser):
     "The chapter list and the page contents open and close from the visible buttons, on a phone and a desktop."
     import time
+
     browser.set_window_size(width, 900)
     try:
         browser.get(f"{server}/book/04_chunked.html")
@@ -275,22 +385,26 @@ def test_sidebars_open_and_close(width, server, browser):
         shot.mkdir(exist_ok=True)
         browser.save_screenshot(str(shot / "04_chunked.png"))
         # (on a phone the theme moves the sidebar's links into a dialog while it is open)
-        chapter_list = ("#pst-primary-sidebar a[href*='05_block'], "
-                        "#pst-primary-sidebar-modal a[href*='05_block']")
-        if width < 992:                 # a phone: the chapter list opens over the page, and closes
+        chapter_list = (
+            "#pst-primary-sidebar a[href*='05_block'], "
+            "#pst-primary-sidebar-modal a[href*='05_block']"
+        )
+        if width < 992:  # a phone: the chapter list opens over the page, and closes
             assert not visible(browser, chapter_list)
             click_visible(browser, ".primary-toggle")
             time.sleep(0.5)
             assert visible(browser, chapter_list), "the chapter list did not open"
             browser.save_screenshot(str(shot / "04_chunked_chapters.png"))
-            browser.switch_to.active_element.send_keys("\ue00c")     # Escape closes the dialog
+            browser.switch_to.active_element.send_keys(
+                "\ue00c"
+            )  # Escape closes the dialog
             time.sleep(0.5)
             assert not visible(browser, chapter_list), "the chapter list did not close"
             click_visible(browser, ".secondary-toggle")
             time.sleep(0.5)
             contents = "#pst-secondary-sidebar a[href*='#'], #pst-secondary-sidebar-modal a[href*='#']"
             assert visible(browser, contents), "the page contents did not open"
-        else:                           # a desktop: the chapter list hides and comes back
+        else:  # a desktop: the chapter list hides and comes back
             assert visible(browser, chapter_list)
             click_visible(browser, ".primary-toggle")
             time.sleep(0.5)
@@ -300,7 +414,8 @@ def test_sidebars_open_and_close(width, server, browser):
             assert visible(browser, chapter_list), "the chapter list did not come back"
         navbars = browser.execute_script(
             "return [...document.querySelectorAll('header, .bd-header-article')]"
-            ".filter(e => e.getBoundingClientRect().height > 0).length")
+            ".filter(e => e.getBoundingClientRect().height > 0).length"
+        )
         assert navbars == 1, f"{navbars} bars at the top of the page"
     finally:
         browser.set_window_size(1280, 900)
@@ -313,8 +428,12 @@ def test_phone_screenshot_and_no_page_wider_than_the_screen(page, server, browse
     try:
         browser.get(f"{server}/{page}")
         (SHOTS / "400").mkdir(exist_ok=True)
-        browser.save_screenshot(str(SHOTS / "400" / Path(page).with_suffix(".png").name))
-        wide = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        browser.save_screenshot(
+            str(SHOTS / "400" / Path(page).with_suffix(".png").name)
+        )
+        wide = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth"
+        )
         assert wide <= 0, f"the page is {wide} px wider than a 400 px screen"
     finally:
         browser.set_window_size(1280, 900)
@@ -322,19 +441,25 @@ def test_phone_screenshot_and_no_page_wider_than_the_screen(page, server, browse
 
 # What a reader must never see in an output: a build's warnings and progress bars, tracebacks,
 # error streams, machine paths.
-NOISE = re.compile(r"Warning\b|Traceback|\d+%\|[^|]*\||it/s\]|/root/|/home/|\.venv|site-packages|"
-                   r"/tmp/|Error:|Set TORCH")
+NOISE = re.compile(
+    r"Warning\b|Traceback|\d+%\|[^|]*\||it/s\]|/root/|/home/|\.venv|site-packages|"
+    r"/tmp/|Error:|Set TORCH"
+)
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
 def test_no_build_noise_in_outputs(page):
     "Executed cells' outputs hold no warnings, progress bars, stderr boxes, tracebacks or machine paths."
     from bs4 import BeautifulSoup
+
     if not SITE.joinpath(page).exists():
         (pytest.fail if REQUIRED else pytest.skip)("no built book")
     soup = BeautifulSoup(SITE.joinpath(page).read_text(encoding="utf-8"), "html.parser")
     stderr = soup.select(".output.stderr")
     assert not stderr, f"stderr boxes: {[e.get_text()[:80] for e in stderr]}"
-    found = [(m.group(0), out.get_text()[max(0, m.start() - 40):m.end() + 40])
-             for out in soup.select(".cell_output") for m in NOISE.finditer(out.get_text())]
+    found = [
+        (m.group(0), out.get_text()[max(0, m.start() - 40) : m.end() + 40])
+        for out in soup.select(".cell_output")
+        for m in NOISE.finditer(out.get_text())
+    ]
     assert not found, f"build noise in outputs: {found[:5]}"

@@ -1,12 +1,13 @@
 """The SSD contract, for every implementation behind the front door `ssd(..., impl=...)`: chapter 4's
 plain `ssd_chunked` and chapter 8's tuned `ssd_fast`, each against the float64 oracle."""
+
 import re
 
 import pytest
 import torch
+from oracle import naive_ssd, random_inputs, rel_err
 
 from mamba2 import IMPLEMENTATIONS, ssd, ssd_scan
-from oracle import naive_ssd, random_inputs, rel_err
 
 Q = 8
 LENGTHS = [1, 7, Q - 1, Q, Q + 1, 3 * Q + 5]
@@ -66,18 +67,25 @@ def test_split_anywhere_carries_state(impl, split):
 def test_length_zero_returns_initial_state(impl):
     X, A, B, C, s0 = random_inputs(l=0, initial_states=True)
     Y, s = ssd(X, A, B, C, 4, s0, impl)
-    assert Y.shape == (2, 0, 4, 8) and torch.equal(s, s0)        # the state handed back, unchanged
+    assert Y.shape == (2, 0, 4, 8) and torch.equal(
+        s, s0
+    )  # the state handed back, unchanged
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_float32_long_sequence_is_stable(impl):
     "65,536 steps with Mamba-2-like decays: float32 stays finite and within 1e-4 of float64."
-    X, A, B, C, s0 = random_inputs(b=1, l=65536, h=2, p=4, g=1, n=8, initial_states=True, seed=1)
+    X, A, B, C, s0 = random_inputs(
+        b=1, l=65536, h=2, p=4, g=1, n=8, initial_states=True, seed=1
+    )
     Y64, s64 = ssd(X, A, B, C, 64, s0, impl)
     Y32, s32 = ssd(X.float(), A.float(), B.float(), C.float(), 64, s0.float(), impl)
     assert torch.isfinite(Y32).all() and torch.isfinite(s32).all()
     assert rel_err(Y32, Y64) < 1e-4 and rel_err(s32, s64) < 1e-4
-    assert rel_err(Y64[:, :2000], naive_ssd(*(t[:, :2000] for t in (X, A, B, C)), s0)[0]) < 1e-10
+    assert (
+        rel_err(Y64[:, :2000], naive_ssd(*(t[:, :2000] for t in (X, A, B, C)), s0)[0])
+        < 1e-10
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -96,15 +104,28 @@ def test_strong_decays(impl):
 def test_gradcheck_with_initial_states(impl):
     X, A, B, C, s0 = random_inputs(b=1, l=5, h=2, g=1, p=2, n=2, initial_states=True)
     args = [t.clone().requires_grad_() for t in (X, A, B, C, s0)]
-    assert torch.autograd.gradcheck(lambda X, A, B, C, s0: ssd(X, A, B, C, 2, s0, impl), args)
+    assert torch.autograd.gradcheck(
+        lambda X, A, B, C, s0: ssd(X, A, B, C, 2, s0, impl), args
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("chunk_size, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
-                                               (True, TypeError), (None, TypeError), ("8", TypeError)])
+@pytest.mark.parametrize(
+    "chunk_size, error",
+    [
+        (0, ValueError),
+        (-3, ValueError),
+        (2.0, TypeError),
+        (True, TypeError),
+        (None, TypeError),
+        ("8", TypeError),
+    ],
+)
 def test_bad_chunk_size(impl, chunk_size, error):
     X, A, B, C, _ = random_inputs(l=9)
-    with pytest.raises(error, match=f"chunk_size must be a positive integer, got {chunk_size!r}"):
+    with pytest.raises(
+        error, match=f"chunk_size must be a positive integer, got {chunk_size!r}"
+    ):
         ssd(X, A, B, C, chunk_size, impl=impl)
 
 
@@ -118,20 +139,37 @@ def test_mixed_devices(impl):
 @pytest.mark.parametrize("impl", ["", "triton?", None, "Fast"])
 def test_unknown_implementation(impl):
     X, A, B, C, _ = random_inputs(l=9)
-    with pytest.raises(ValueError, match=f"impl must be 'auto' or one of .*got {re.escape(repr(impl))}"):
+    with pytest.raises(
+        ValueError, match=f"impl must be 'auto' or one of .*got {re.escape(repr(impl))}"
+    ):
         ssd(X, A, B, C, 4, impl=impl)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on one by benchmarks/run_gpu.sh)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU (run on one by benchmarks/run_gpu.sh)",
+)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("chunk_size, g, strong", [(64, 2, False), (256, 1, False), (256, 2, True)])
+@pytest.mark.parametrize(
+    "chunk_size, g, strong", [(64, 2, False), (256, 1, False), (256, 2, True)]
+)
 def test_gpu_matches_oracle(impl, chunk_size, g, strong):
     "On a GPU (for ssd_fast: -inf above the diagonal and no floor, the whole sequence at once)."
-    X, A, B, C, s0 = random_inputs(b=2, l=701, h=4, g=g, p=8, n=16, initial_states=True, seed=chunk_size + g)
+    X, A, B, C, s0 = random_inputs(
+        b=2, l=701, h=4, g=g, p=8, n=16, initial_states=True, seed=chunk_size + g
+    )
     A = A * 40 if strong else A
     Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+    for dtype, tol in (
+        (torch.float64, 1e-10),
+        (torch.float32, 1e-5),
+        (torch.bfloat16, 3e-2),
+    ):
         wide = torch.promote_types(dtype, torch.float32)
         args = [t.cuda() for t in (X.to(dtype), A.to(wide), B.to(dtype), C.to(dtype))]
         Y, s = ssd(*args, chunk_size, s0.cuda().to(wide), impl)
-        assert Y.dtype == dtype and rel_err(Y.cpu(), Y_ref) < tol and rel_err(s.cpu(), s_ref) < tol, dtype
+        assert (
+            Y.dtype == dtype
+            and rel_err(Y.cpu(), Y_ref) < tol
+            and rel_err(s.cpu(), s_ref) < tol
+        ), dtype

@@ -1,16 +1,28 @@
 """Edge cases of the SSD, the block and the step: each gives a correct answer or a named error of
 the right type, and a failed call changes nothing."""
+
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from mamba2 import InferenceCache, Mamba2, Mamba2Config, ssd, ssd_chunked, ssd_quadratic, ssd_scan
 from block_oracle import randomize_, reference_block
 from oracle import naive_ssd, random_inputs, rel_err
+from torch.utils.flop_counter import FlopCounterMode
+
+from mamba2 import (
+    InferenceCache,
+    Mamba2,
+    Mamba2Config,
+    ssd,
+    ssd_chunked,
+    ssd_quadratic,
+    ssd_scan,
+)
 
 SMALL = dict(d_model=32, d_state=8, headdim=8, chunk_size=8)
-SSDS = {"scan": ssd_scan, "quadratic": ssd_quadratic,
-        "chunked": lambda X, A, B, C, s0=None: ssd_chunked(X, A, B, C, 4, s0)}
+SSDS = {
+    "scan": ssd_scan,
+    "quadratic": ssd_quadratic,
+    "chunked": lambda X, A, B, C, s0=None: ssd_chunked(X, A, B, C, 4, s0),
+}
 
 
 @pytest.mark.parametrize("ssd", SSDS)
@@ -50,17 +62,26 @@ def test_forward_with_a_cache_of_another_batch_size_names_it_and_changes_nothing
     cache = block.allocate_cache(3)
     cache.ssm_state.normal_()
     before = (cache.conv_state.clone(), cache.ssm_state.clone())
-    with pytest.raises(ValueError, match=r"cache.conv_state must have shape \(2, 80, 4\).*batch of 2"):
+    with pytest.raises(
+        ValueError, match=r"cache.conv_state must have shape \(2, 80, 4\).*batch of 2"
+    ):
         block(torch.randn(2, 5, 32), cache=cache)
     with pytest.raises(ValueError, match=r"cache.ssm_state must have shape"):
-        block(torch.randn(3, 5, 32), cache=InferenceCache(cache.conv_state, cache.ssm_state[:, :4]))
-    assert torch.equal(cache.conv_state, before[0]) and torch.equal(cache.ssm_state, before[1])
+        block(
+            torch.randn(3, 5, 32),
+            cache=InferenceCache(cache.conv_state, cache.ssm_state[:, :4]),
+        )
+    assert torch.equal(cache.conv_state, before[0]) and torch.equal(
+        cache.ssm_state, before[1]
+    )
 
 
 @pytest.mark.parametrize("cache", [None, "cache", object()])
 def test_step_and_forward_with_no_cache_object(cache):
     block = Mamba2(Mamba2Config(**SMALL))
-    with pytest.raises(TypeError, match="cache must hold a floating-point tensor conv_state"):
+    with pytest.raises(
+        TypeError, match="cache must hold a floating-point tensor conv_state"
+    ):
         block.step(torch.randn(2, 1, 32), cache)
     if cache is not None:
         with pytest.raises(TypeError, match="cache must hold"):
@@ -74,23 +95,37 @@ def test_no_tokens_with_a_cache_leave_it_as_it_was():
         block(torch.randn(2, 6, 32), cache=cache)
         before = (cache.conv_state.clone(), cache.ssm_state.clone())
         assert block(torch.randn(2, 0, 32), cache=cache).shape == (2, 0, 32)
-    assert torch.equal(cache.conv_state, before[0]) and torch.equal(cache.ssm_state, before[1])
+    assert torch.equal(cache.conv_state, before[0]) and torch.equal(
+        cache.ssm_state, before[1]
+    )
 
 
 def test_input_of_another_dtype_or_device_than_the_block():
     block = Mamba2(Mamba2Config(**SMALL))
-    with pytest.raises(TypeError, match="u is torch.float64 and the block's weights torch.float32"):
+    with pytest.raises(
+        TypeError, match="u is torch.float64 and the block's weights torch.float32"
+    ):
         block(torch.randn(2, 5, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="u is on meta and the block on cpu"):
         block(torch.randn(2, 5, 32, device="meta"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):     # mixed precision stays allowed
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision stays allowed
         assert block(torch.randn(2, 5, 32, dtype=torch.bfloat16)).shape == (2, 5, 32)
 
 
-@pytest.mark.parametrize("batch_size, error", [(-1, ValueError), (2.5, TypeError), (None, TypeError),
-                                               (True, TypeError), ("2", TypeError)])
+@pytest.mark.parametrize(
+    "batch_size, error",
+    [
+        (-1, ValueError),
+        (2.5, TypeError),
+        (None, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+    ],
+)
 def test_allocating_a_cache_checks_the_batch_size(batch_size, error):
-    with pytest.raises(error, match=f"batch_size must be a non-negative integer, got {batch_size!r}"):
+    with pytest.raises(
+        error, match=f"batch_size must be a non-negative integer, got {batch_size!r}"
+    ):
         InferenceCache.alloc(batch_size, Mamba2Config(**SMALL))
 
 
@@ -109,15 +144,17 @@ def test_step_rejects_more_than_one_token_and_changes_nothing():
 @pytest.mark.parametrize("impl", ["chunked", "fast"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["X", "A", "B", "C"])
-def test_a_non_finite_input_spoils_its_chunk_and_what_follows_not_what_came_before(impl, bad, where):
+def test_a_non_finite_input_spoils_its_chunk_and_what_follows_not_what_came_before(
+    impl, bad, where
+):
     "The promise of chapter 4: earlier chunks unchanged; from the bad token's chunk on, not finite."
     inputs = dict(zip("XABC", random_inputs(b=1, l=40, h=2, g=1, p=2, n=3)[:4]))
     Y_clean, _ = ssd(*inputs.values(), 16, impl=impl)
     inputs[where] = inputs[where].clone()
-    inputs[where][0, 21] = bad                                       # token 21, in chunk 1 (16..31)
+    inputs[where][0, 21] = bad  # token 21, in chunk 1 (16..31)
     Y, s = ssd(*inputs.values(), 16, impl=impl)
     assert rel_err(Y[:, :16], Y_clean[:, :16]) < 1e-15 and not Y[0, 21].isfinite().all()
-    if where != "C":                                                   # C_t only reads the state at t
+    if where != "C":  # C_t only reads the state at t
         assert not Y[0, 21:].isfinite().all(-1).all(-1).any() and not s.isfinite().all()
 
 
@@ -136,7 +173,10 @@ def test_a_non_finite_input_in_the_block():
     block = randomize_(Mamba2(Mamba2Config(**SMALL)))
     u = torch.randn(1, 30, 32)
     y_ref, _ = reference_block(block, u)
-    u[0, 20, 3] = float("nan")                                          # chunk 2 (16..23)
+    u[0, 20, 3] = float("nan")  # chunk 2 (16..23)
     with torch.no_grad():
         y = block(u)
-    assert rel_err(y[:, :16], y_ref[:, :16]) < 1e-5 and not y[0, 20:].isfinite().all(-1).any()
+    assert (
+        rel_err(y[:, :16], y_ref[:, :16]) < 1e-5
+        and not y[0, 20:].isfinite().all(-1).any()
+    )

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from oracle import naive_ssd, random_inputs, rel_err
 
 from mamba2 import ssd_quadratic
-from oracle import naive_ssd, random_inputs, rel_err
 
 
 @pytest.mark.parametrize("l", [1, 7, 15, 16, 17, 53])
@@ -23,7 +23,9 @@ def test_quadratic_matches_oracle(l, h, g, init):
 def test_half_precision_inputs_keep_float32_state():
     X, A, B, C, s0 = random_inputs(l=45, initial_states=True)
     Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
-    Y, s = ssd_quadratic(X.bfloat16(), A.float(), B.bfloat16(), C.bfloat16(), s0.float())
+    Y, s = ssd_quadratic(
+        X.bfloat16(), A.float(), B.bfloat16(), C.bfloat16(), s0.float()
+    )
     assert Y.dtype == torch.bfloat16 and s.dtype == torch.float32
     assert rel_err(Y, Y_ref) < 3e-2 and rel_err(s, s_ref) < 3e-2
 

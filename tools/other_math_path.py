@@ -14,7 +14,10 @@ and the first that changes the bits of a few products, exponentials and sums is 
 
 Exits with status 1, printing the last candidate, when none changes anything on this machine.
 """
-import hashlib, os, subprocess, sys
+
+import os
+import subprocess
+import sys
 
 PROBE = """
 import hashlib, torch
@@ -24,16 +27,24 @@ out = (a @ b, a[:1] @ b, a[:7] @ b, x.exp(), x.sum(0, keepdim=True), x.softmax(0
 print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in out)).hexdigest())
 """
 CANDIDATES = [
-    {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},       # AVX-512 CPUs
-    {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ATEN_CPU_CAPABILITY": "default"},  # AVX2 CPUs
+    {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},  # AVX-512 CPUs
+    {
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+        "ATEN_CPU_CAPABILITY": "default",
+    },  # AVX2 CPUs
 ]
 
 
 def fingerprint(settings):
     "A hash of the probe's results, computed in a fresh process with `settings` in its environment."
     env = {k: v for k, v in os.environ.items() if k not in CANDIDATES[0]}
-    run = subprocess.run([sys.executable, "-c", PROBE], env={**env, **settings},
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env={**env, **settings},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return run.stdout.strip()
 
 
@@ -44,7 +55,9 @@ def main():
             print(" ".join(f"{k}={v}" for k, v in settings.items()))
             return 0
     print(" ".join(f"{k}={v}" for k, v in CANDIDATES[-1].items()))
-    print("no candidate changes a bit of the probe's results on this CPU", file=sys.stderr)
+    print(
+        "no candidate changes a bit of the probe's results on this CPU", file=sys.stderr
+    )
     return 1
 
 
