@@ -105,14 +105,14 @@ class Mamba2LMHeadModel(nn.Module):
 
     def __init__(self, config: Mamba2Config, device=None, dtype=None):
         super().__init__()
-        kw, vocab = dict(device=device, dtype=dtype), padded_vocab_size(config)
+        kw, rows = dict(device=device, dtype=dtype), padded_vocab_size(config)
         self.config, self.backbone = config, nn.Module()
-        self.backbone.embedding = nn.Embedding(vocab, config.d_model, **kw)
+        self.backbone.embedding = nn.Embedding(rows, config.d_model, **kw)
         self.backbone.layers = nn.ModuleList(
             Block(config, i, **kw) for i in range(config.n_layer)
         )
         self.backbone.norm_f = RMSNorm(config.d_model, **kw)
-        self.lm_head = nn.Linear(config.d_model, vocab, bias=False, **kw)
+        self.lm_head = nn.Linear(config.d_model, rows, bias=False, **kw)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         self.reset_parameters()
