@@ -77,6 +77,7 @@ def init_source(modules):
         "",
     ]
     lines += [f"from .{m} import *  # noqa: F401,F403" for m in modules]
+    lines.insert(0, "# isort: skip_file")  # the modules in chapter order, as the book builds them
     return "\n".join(lines) + "\n"
 
 
