@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .block import Mamba2, Mamba2Config, check_block_input, check_cache, discretize
+from .block import (
+    Mamba2,
+    Mamba2Config,
+    check_block_input,
+    check_cache,
+    discretize,
+)
 
 
 # %% ../book/06_step.ipynb #c40e0df6

@@ -77,7 +77,9 @@ def init_source(modules):
         "",
     ]
     lines += [f"from .{m} import *  # noqa: F401,F403" for m in modules]
-    lines.insert(0, "# isort: skip_file")  # the modules in chapter order, as the book builds them
+    lines.insert(
+        0, "# isort: skip_file"
+    )  # the modules in chapter order, as the book builds them
     return "\n".join(lines) + "\n"
 
 
@@ -104,11 +106,23 @@ def export(dest: Path, book: Path = BOOK):
 
 def tidy(folder: Path):
     """Lay out the exported modules as `ruff format` does (nbdev's scaffolding between cells differs
-    from it only in blank lines and quotes), with imports sorted, under the project's ruff settings."""
+    from it only in blank lines and quotes), with imports relative and sorted, under the project's
+    ruff settings."""
     from ruff.__main__ import find_ruff_bin
 
     ruff, settings = find_ruff_bin(), ["--config", str(ROOT / "pyproject.toml")]
     files = sorted(str(f) for f in folder.glob("*.py"))
+    for f in map(
+        Path, files
+    ):  # nbdev makes `from mamba2.x import a` relative, not `import (...)`
+        f.write_text(
+            re.sub(
+                r"^from mamba2\.(\w+) import",
+                r"from .\1 import",
+                f.read_text(),
+                flags=re.M,
+            )
+        )
     subprocess.run(
         [ruff, "check", "--fix-only", "--select", "I", "--quiet", *settings, *files],
         check=True,
