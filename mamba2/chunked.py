@@ -34,14 +34,14 @@ def chunk_inputs(
 def pass_states(
     states: Tensor, chunk_decay: Tensor, initial_states: Tensor
 ) -> tuple[Tensor, Tensor]:
-    "Step 3: `S_{c+1} = chunk_decay_c * S_c + states_c`; returns the states entering each chunk and the final state."
-    state, entering = (
-        initial_states,
-        [],
-    )  # states: (b, c, g, r, p, n), chunk_decay: (b, c, g, r)
-    for new, decay in zip(
-        states.unbind(1), chunk_decay[..., None, None].unbind(1)
-    ):  # chunk by chunk
+    """Step 3: `S_{c+1} = chunk_decay_c * S_c + states_c`, chunk by chunk.
+
+    Returns the states entering each chunk and the final state.
+    """
+    # states: (b, c, g, r, p, n), chunk_decay: (b, c, g, r)
+    state, entering = initial_states, []
+    # chunk by chunk
+    for new, decay in zip(states.unbind(1), chunk_decay[..., None, None].unbind(1)):
         entering.append(state)
         state = torch.addcmul(new, decay, state)
     return torch.stack(entering, 1), state

@@ -23,7 +23,10 @@ from .segsum import segsum
 
 # %% ../book/03_semiseparable.ipynb #306ce6ef
 def split_heads(X: Tensor, A: Tensor, g: int) -> tuple[Tensor, Tensor]:
-    "Heads by group: `X (..., l, h, p) -> (..., l, g, r, p)`, `A (..., l, h) -> (..., g, r, l)`."
+    """Heads by group, `h = g * r`.
+
+    `X (..., l, h, p) -> (..., l, g, r, p)` and `A (..., l, h) -> (..., g, r, l)`.
+    """
     return (
         rearrange(X, "... (g r) p -> ... g r p", g=g),
         rearrange(A, "... l (g r) -> ... g r l", g=g),
@@ -32,39 +35,56 @@ def split_heads(X: Tensor, A: Tensor, g: int) -> tuple[Tensor, Tensor]:
 
 # %% ../book/03_semiseparable.ipynb #c3dd7567
 def masked_attention(L: Tensor, X: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    "`Y = (L * C B^T) X` per head: `L: (..., g, r, l, l)`, `X: (..., l, g, r, p)`, `B, C: (..., l, g, n)`."
-    CB = torch.einsum(
-        "...lgn,...sgn->...gls", C, B
-    ).tril()  # (..., g, l, s): once per group, causal
+    """`Y = (L * C B^T) X` per head.
+
+    `L: (..., g, r, l, l)`, `X: (..., l, g, r, p)`, `B, C: (..., l, g, n)`.
+    """
+    # (..., g, l, s): once per group, causal
+    CB = torch.einsum("...lgn,...sgn->...gls", C, B).tril()
     return torch.einsum("...grls,...sgrp->...lgrp", L * CB.unsqueeze(-3), X)
 
 
 # %% ../book/03_semiseparable.ipynb #396ec649
 def flush_tiny(decay: Tensor) -> Tensor:
-    "Decays below `tiny / eps` of their dtype set to exactly 0: invisible in the result, and no subnormal arithmetic."
+    """Decays below `tiny / eps` of their dtype set to exactly 0.
+
+    They are invisible in the result, and there is no subnormal arithmetic.
+    """
     info = torch.finfo(decay.dtype)
     return decay.masked_fill(decay < info.tiny / info.eps, 0.0)
 
 
 def per_token(decay: Tensor) -> Tensor:
-    "A decay per token and head, `(..., g, r, l)`, laid out to scale `X`-shaped tensors: `(..., l, g, r, 1)`."
+    """A decay per token and head, `(..., g, r, l)`, laid out as `(..., l, g, r, 1)`.
+
+    That layout scales `X`-shaped tensors.
+    """
     return decay.movedim(-1, -3).unsqueeze(-1)
 
 
 def states_from_inputs(to_end: Tensor, X: Tensor, B: Tensor) -> Tensor:
-    "The state after the last token from a zero start, `sum_i to_end_i X_i B_i^T`: `(..., g, r, p, n)`."
+    """The state after the last token from a zero start: `(..., g, r, p, n)`.
+
+    It is `sum_i to_end_i X_i B_i^T`.
+    """
     Xd = X * per_token(flush_tiny(to_end))  # (..., l, g, r, p): decayed to the end
     return torch.einsum("...lgn,...lgrp->...grpn", B, Xd)
 
 
 # %% ../book/03_semiseparable.ipynb #dbeb26d9
 def decay_from_start(L: Tensor, A: Tensor) -> Tensor:
-    "`exp(A_0 + ... + A_j)` for every `j`, `(..., l)`: L's first column times `exp(A_0)`, tiny ones flushed."
+    """`exp(A_0 + ... + A_j)` for every `j`, `(..., l)`, tiny ones flushed.
+
+    It is L's first column times `exp(A_0)`.
+    """
     return flush_tiny(L[..., :, 0] * torch.exp(A[..., :1]))
 
 
 def outputs_from_state(C: Tensor, state: Tensor, decay: Tensor) -> Tensor:
-    "Outputs from a state at the start: `decay_j * state C_j`, `(..., l, g, r, p)`; `state: (..., g, r, p, n)`."
+    """Outputs from a state at the start: `decay_j * state C_j`, `(..., l, g, r, p)`.
+
+    `state: (..., g, r, p, n)`.
+    """
     Y = torch.einsum("...lgn,...grpn->...lgrp", C, state.to(C.dtype))
     return Y * per_token(decay)
 
@@ -73,7 +93,10 @@ def outputs_from_state(C: Tensor, state: Tensor, decay: Tensor) -> Tensor:
 def ssd_quadratic(
     X: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    "SSD as one masked-attention matrix per head, `Y = (L * C B^T) X`: O(l^2) work and memory; returns `(Y, final_state)`."
+    """SSD as one masked-attention matrix per head; returns `(Y, final_state)`.
+
+    `Y = (L * C B^T) X`: O(l^2) work and memory.
+    """
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
     dtype = torch.promote_types(X.dtype, torch.float32)
     state = (

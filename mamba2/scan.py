@@ -24,7 +24,7 @@ SSD_SHAPES = {
 
 
 def check_ssd_shapes(X: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[int, ...]:
-    "Return `(b, l, h, p, g, n)`, or raise a `TypeError`/`ValueError` naming the problem."
+    "Return `(b, l, h, p, g, n)`, or raise a `TypeError`/`ValueError` that says why."
     for name, t in zip(SSD_SHAPES, (X, A, B, C)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             got = f"{type(t).__name__} {getattr(t, 'dtype', '')}".strip()
@@ -59,7 +59,7 @@ def check_ssd_shapes(X: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[int, .
 def check_ssd_inputs(
     X: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Tensor | None = None
 ) -> tuple[int, ...]:
-    "Check all SSD inputs (shapes, dtypes, device); return `(b, l, h, p, g, n)` or raise."
+    "Check all SSD inputs (shape, dtype, device); return `(b, l, h, p, g, n)` or raise."
     b, l, h, p, g, n = check_ssd_shapes(X, A, B, C)
     s0 = initial_states
     if s0 is not None and (
@@ -89,14 +89,15 @@ def check_ssd_inputs(
 def ssd_scan(
     X: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    "The SSM recurrence, one token at a time: `H_t = exp(A_t) H_{t-1} + X_t B_t^T`, `Y_t = H_t C_t`."
+    """The SSM recurrence, one token at a time.
+
+    `H_t = exp(A_t) H_{t-1} + X_t B_t^T`, `Y_t = H_t C_t`.
+    """
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
-    dtype = torch.promote_types(
-        X.dtype, torch.float32
-    )  # states and decays in >= float32
-    B, C = (
-        t.to(dtype).repeat_interleave(h // g, dim=2) for t in (B, C)
-    )  # head i -> group i // (h // g)
+    # states and decays in >= float32
+    dtype = torch.promote_types(X.dtype, torch.float32)
+    # head i -> group i // (h // g)
+    B, C = (t.to(dtype).repeat_interleave(h // g, dim=2) for t in (B, C))
     state = (
         X.new_zeros(b, h, p, n, dtype=dtype)
         if initial_states is None
@@ -124,14 +125,13 @@ def random_ssd_inputs(
     seed: int = 0,
     initial_states: bool = False,
 ) -> tuple[Tensor | None, ...]:
-    "Random SSD inputs with Mamba-2-like decays: `(X, A, B, C, initial_states or None)`."
+    "Random SSD inputs, Mamba-2-like decays: `(X, A, B, C, initial_states or None)`."
     gen = torch.Generator().manual_seed(seed)
     dt = torch.nn.functional.softplus(
         torch.randn(b, l, h, generator=gen, dtype=torch.float64) - 4
     )
-    a = -torch.empty(h, dtype=torch.float64).uniform_(
-        1, 16, generator=gen
-    )  # A = -U(1, 16)
+    # A = -U(1, 16)
+    a = -torch.empty(h, dtype=torch.float64).uniform_(1, 16, generator=gen)
     X = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64) * dt[..., None]
     B, C = (
         torch.randn(b, l, g, n, generator=gen, dtype=torch.float64) for _ in range(2)

@@ -10,7 +10,10 @@ from torch import Tensor
 
 # %% ../book/02_segsum.ipynb #7b3ca964
 def segsum(x: Tensor) -> Tensor:
-    "Stable segment sums: `out[..., j, i] = x[..., i+1] + ... + x[..., j]` for `i <= j`, `-inf` above the diagonal."
+    """Stable segment sums of `x` over its last dimension, `-inf` above the diagonal.
+
+    `out[..., j, i] = x[..., i+1] + ... + x[..., j]` for `i <= j`.
+    """
     T = x.size(-1)
     x = x[..., None].expand(*x.shape, T)  # x[..., j, i] = x_j
     below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
