@@ -28,7 +28,8 @@ from .ssd import IMPLEMENTATIONS, ssd
 
 # %% ../book/05_block.ipynb #79498148
 def check_config_values(c: "Mamba2Config") -> None:
-    "Raise a `ValueError` naming the first field of `c` whose value does not fit the others."
+    """Raise a `ValueError` naming the first field of `c` whose value does not fit the
+    others."""
     if c.d_inner % c.headdim:
         raise ValueError(
             f"Mamba2Config.headdim = {c.headdim} must divide "
@@ -61,7 +62,8 @@ def check_config_values(c: "Mamba2Config") -> None:
 
 # %% ../book/05_block.ipynb #5ae2f86d
 def check_config(c: "Mamba2Config") -> None:
-    "Raise a `TypeError` or `ValueError` naming the first field of `Mamba2Config` `c` that is invalid."
+    """Raise a `TypeError` or `ValueError` naming the first field of `Mamba2Config` `c`
+    that is invalid."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     pair = lambda v: (
         isinstance(v, (tuple, list)) and len(v) == 2 and all(map(number, v))
@@ -95,7 +97,10 @@ def check_config(c: "Mamba2Config") -> None:
 # %% ../book/05_block.ipynb #542f3864
 @dataclass
 class Mamba2Config:
-    "Sizes and options of a Mamba-2 block and of the language model around it (mamba_ssm's names and defaults)."
+    """Sizes and options of a Mamba-2 block and of the language model around it.
+
+    The fields have mamba_ssm's names and defaults.
+    """
 
     d_model: int
     n_layer: int = 24
@@ -144,8 +149,11 @@ def causal_conv(
     bias: Tensor | None = None,
     conv_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Depthwise causal convolution then SiLU of `xBC: (b, l, d)` with `weight: (d, k)`, after
-    the inputs in `conv_state: (b, d, k)` (None: zeros); returns it and the new `conv_state`."""
+    """Depthwise causal convolution then SiLU of `xBC: (b, l, d)` with `weight: (d, k)`.
+
+    The convolution runs after the inputs in `conv_state: (b, d, k)` (None: zeros);
+    returns its output and the new `conv_state`.
+    """
     (b, l, d), k = xBC.shape, weight.shape[-1]
     dtype = torch.promote_types(xBC.dtype, torch.float32)
     before = (
@@ -162,9 +170,8 @@ def causal_conv(
     )
     for i in range(k - 1):  # tap i looks k - 1 - i tokens back
         out.addcmul_(xpad[:, i + 1 : i + 1 + l], weight[:, i])
-    return F.silu(out), xpad[:, -k:].transpose(
-        1, 2
-    ).clone()  # the last k inputs, for what follows
+    # the last k inputs, for what follows
+    return F.silu(out), xpad[:, -k:].transpose(1, 2).clone()
 
 
 # %% ../book/05_block.ipynb #eaaf0581
@@ -174,7 +181,11 @@ def discretize(
     A_log: Tensor,
     dt_limit: tuple[float, float] = (0.0, math.inf),
 ) -> tuple[Tensor, Tensor]:
-    "Step sizes `softplus(dt + dt_bias)` clamped to `dt_limit`, and log-decays `dt * A` with `A = -exp(A_log)`: both `(..., h)`, at least float32."
+    """Step sizes `softplus(dt + dt_bias)` clamped to `dt_limit`, and log-decays.
+
+    The log-decays are `dt * A` with `A = -exp(A_log)`; both results are `(..., h)`,
+    at least float32.
+    """
     dtype = torch.promote_types(dt.dtype, torch.float32)
     dt = F.softplus(dt.to(dtype) + dt_bias.to(dtype)).clamp(*dt_limit)
     return dt, dt * -torch.exp(A_log.to(dtype))
@@ -182,7 +193,10 @@ def discretize(
 
 # %% ../book/05_block.ipynb #6f6710db
 class RMSNormGated(nn.Module):
-    "RMSNorm over groups of `group_size` channels, gated by SiLU(z) after (default) or before normalising; at least float32 inside."
+    """RMSNorm over groups of `group_size` channels, gated by SiLU(z).
+
+    The gate acts after (default) or before normalising; at least float32 inside.
+    """
 
     def __init__(
         self,
@@ -224,7 +238,10 @@ def inverse_softplus(y: Tensor) -> Tensor:
 def init_dt_bias(
     nheads: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None
 ) -> Tensor:
-    "dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max], floored at dt_init_floor."
+    """dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max].
+
+    The step sizes are floored at dt_init_floor.
+    """
     dt = (
         torch.empty(nheads, device=device)
         .uniform_(math.log(dt_min), math.log(dt_max))
@@ -235,7 +252,8 @@ def init_dt_bias(
 
 # %% ../book/05_block.ipynb #43ddd0ef
 def check_block_input(u: Tensor, block: "Mamba2") -> tuple[int, int]:
-    "Return `(b, l)` of `u: (b, l, d_model)` for `block`, or raise a `TypeError`/`ValueError`."
+    """Return `(b, l)` of `u: (b, l, d_model)` for `block`, or raise a `TypeError` or
+    `ValueError`."""
     d, w = block.config.d_model, block.in_proj.weight
     if not isinstance(u, torch.Tensor) or not u.is_floating_point():
         got = f"{type(u).__name__} {getattr(u, 'dtype', '')}".strip()
@@ -259,7 +277,8 @@ def check_block_input(u: Tensor, block: "Mamba2") -> tuple[int, int]:
 
 
 def check_cache(block: "Mamba2", cache, batch: int) -> None:
-    "Raise unless `cache` holds the `conv_state` and `ssm_state` `block` needs for `batch` rows."
+    """Raise unless `cache` holds the `conv_state` and `ssm_state` that `block` needs
+    for `batch` rows."""
     c = block.config
     want = {
         "conv_state": (batch, block.conv_dim, c.d_conv),
@@ -281,7 +300,10 @@ def check_cache(block: "Mamba2", cache, batch: int) -> None:
 
 # %% ../book/05_block.ipynb #04981f42
 class Mamba2(nn.Module):
-    "The Mamba-2 block, `u: (b, l, d_model) -> y: (b, l, d_model)`, with mamba_ssm's parameter names."
+    """The Mamba-2 block, `u: (b, l, d_model) -> y: (b, l, d_model)`.
+
+    Its parameters have mamba_ssm's names.
+    """
 
     def __init__(
         self,
@@ -297,9 +319,10 @@ class Mamba2(nn.Module):
             layer_idx,
             c.d_inner + 2 * c.ngroups * c.d_state,
         )
+        # [z, x, B, C, dt]
         self.in_proj = nn.Linear(
             c.d_model, c.d_inner + self.conv_dim + c.nheads, bias=c.bias, **kw
-        )  # [z, x, B, C, dt]
+        )
         self.conv1d = nn.Conv1d(
             self.conv_dim,
             self.conv_dim,
@@ -346,7 +369,10 @@ class Mamba2(nn.Module):
         initial_state: Tensor | None = None,
         conv_state: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        "One stretch of tokens `u: (b, l, d_model)` after the given states (None: zeros) -> `(y, final_state, conv_state)`."
+        """One stretch of tokens `u: (b, l, d_model)` after the given states.
+
+        None stands for zeros; returns `(y, final_state, conv_state)`.
+        """
         c = self.config
         z, xBC, dt = self.in_proj(u).split([c.d_inner, self.conv_dim, c.nheads], dim=-1)
         xBC, conv_state = causal_conv(
@@ -364,9 +390,8 @@ class Mamba2(nn.Module):
         Y, final_state = ssd(
             x * dt[..., None], A, B, C, c.chunk_size, initial_state, c.impl
         )
-        Y = torch.addcmul(
-            Y, x, self.D.to(Y.dtype).view(c.nheads, -1)
-        )  # + D x, the skip
+        # + D x, the skip
+        Y = torch.addcmul(Y, x, self.D.to(Y.dtype).view(c.nheads, -1))
         return (
             self.out_proj(self.norm(Y.flatten(-2), z).to(u.dtype)),
             final_state,
@@ -376,7 +401,11 @@ class Mamba2(nn.Module):
     def forward(
         self, u: Tensor, initial_states: Tensor | None = None, cache=None
     ) -> Tensor:
-        "`u: (b, l, d_model) -> y`, from `initial_states`, the learned ones, or a `cache` (then left after the last token)."
+        """`u: (b, l, d_model) -> y`.
+
+        The SSM starts from `initial_states`, the learned ones, or a `cache` (which is
+        then left holding the states after the last token).
+        """
         b, l = check_block_input(u, self)
         if cache is not None:
             check_cache(self, cache, b)
@@ -385,31 +414,31 @@ class Mamba2(nn.Module):
             None if cache is None else cache.conv_state,
         )
         c, ys = self.config, []
-        segment = (
-            max(1, self.cpu_segment // c.chunk_size) * c.chunk_size
-        )  # whole chunks
+        # whole chunks
+        segment = max(1, self.cpu_segment // c.chunk_size) * c.chunk_size
         for part in u.split(segment if u.device.type == "cpu" else max(l, 1), dim=1):
             y, state, conv_state = self.mix(part, state, conv_state)
             ys.append(y)
-        if cache is not None:
-            (
-                cache.conv_state.copy_(conv_state.detach()),
-                cache.ssm_state.copy_(state.detach()),
-            )  # a cache holds values, not a graph
+        if cache is not None:  # a cache holds values, not a graph
+            cache.conv_state.copy_(conv_state.detach())
+            cache.ssm_state.copy_(state.detach())
         return torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
 
     def start_state(
         self, batch: int, initial_states: Tensor | None = None, cache=None
     ) -> Tensor | None:
-        "The SSM state before the first token: the cache's, the one given, the learned one, or None (zeros)."
+        """The SSM state before the first token.
+
+        That is the cache's, the one given, the learned one, or None (zeros).
+        """
         if cache is not None and initial_states is not None:
             raise ValueError(
-                "pass initial_states or a cache, not both: the cache already holds the state to start from"
+                "pass initial_states or a cache, not both: "
+                "the cache already holds the state to start from"
             )
         if cache is not None:
-            return (
-                cache.ssm_state.clone()
-            )  # a copy: the cache is overwritten at the end, autograd may need this
+            # a copy: the cache is overwritten at the end, autograd may need this
+            return cache.ssm_state.clone()
         if initial_states is None and self.config.learnable_init_states:
             return self.init_states.expand(batch, -1, -1, -1)
         return initial_states

@@ -27,7 +27,8 @@ from .scan import check_ssd_inputs
 
 # %% ../book/08_performance.ipynb #5c001730
 def chunk_cumsum(A: Tensor, dim: int = -1) -> Tensor:
-    "`A_0 + ... + A_j` along `dim` in float64, as a product with a triangular matrix of ones."
+    """`A_0 + ... + A_j` along `dim` in float64, as a product with a triangular matrix
+    of ones."""
     ones = torch.ones(
         A.size(dim), A.size(dim), dtype=torch.float64, device=A.device
     ).tril()
@@ -37,7 +38,10 @@ def chunk_cumsum(A: Tensor, dim: int = -1) -> Tensor:
 
 
 def chunk_decays(S: Tensor, dtype: torch.dtype, floor: bool = True) -> Tensor:
-    "`exp(S_t - S_s)` on and below the diagonal, `(..., q, q)` in `dtype`, from sums `S: (..., q)`."
+    """`exp(S_t - S_s)` on and below the diagonal, `(..., q, q)` in `dtype`.
+
+    From the sums `S: (..., q)`.
+    """
     q = S.size(-1)
     causal = torch.ones(q, q, dtype=torch.bool, device=S.device).tril()
     hi = S.to(dtype)
@@ -56,7 +60,8 @@ def chunk_decays(S: Tensor, dtype: torch.dtype, floor: bool = True) -> Tensor:
 
 # %% ../book/08_performance.ipynb #a6c34a96
 def mul_to(a: Tensor, b: Tensor, dtype: torch.dtype, overwrite: bool = False) -> Tensor:
-    "`(a * b).to(dtype)`; `overwrite=True` (no autograd): one pass, straight into `dtype`."
+    """`(a * b).to(dtype)`; `overwrite=True` (no autograd): one pass, straight into
+    `dtype`."""
     if not overwrite:
         return (a * b).to(dtype)
     out = torch.empty(
@@ -68,7 +73,8 @@ def mul_to(a: Tensor, b: Tensor, dtype: torch.dtype, overwrite: bool = False) ->
 def scores_attention(
     L: Tensor, X: Tensor, B: Tensor, C: Tensor, overwrite: bool = False
 ) -> Tensor:
-    "`(L * C B^T) X` per head with `L: (..., g, r, q, q)` overwritten when allowed; causal."
+    """`(L * C B^T) X` per head, causal, with `L: (..., g, r, q, q)` overwritten when
+    allowed."""
     CB = (
         torch.einsum("...lgn,...sgn->...gls", C, B).tril_().unsqueeze(-3)
     )  # once per group
@@ -83,7 +89,8 @@ def scores_attention(
 def decayed_states(
     to_end: Tensor, X: Tensor, B: Tensor, overwrite: bool = False
 ) -> Tensor:
-    "Chapter 3's `states_from_inputs` with the decayed inputs in `B`'s dtype, in one pass."
+    """Chapter 3's `states_from_inputs` with the decayed inputs in `B`'s dtype, in one
+    pass."""
     Xd = mul_to(X, per_token(flush_tiny(to_end)), B.dtype, overwrite)
     return torch.einsum("...lgn,...lgrp->...grpn", B, Xd).to(to_end.dtype)
 
@@ -99,7 +106,8 @@ def diagonal_blocks(
     floor: bool = True,
     scores_memory: int = 192 * 2**20,
 ) -> Tensor:
-    "Step 1 on `block`-token blocks along the diagonal, about `scores_memory` bytes at a time."
+    """Step 1 on `block`-token blocks along the diagonal, about `scores_memory` bytes
+    at a time."""
     k, dtype = S.size(-1) // block, torch.promote_types(X.dtype, torch.float32)
     Sb = S.unflatten(-1, (k, block)).movedim(-2, 2)  # (b, c, k, g, r, q)
     Xb, Bb, Cb = (t.unflatten(2, (k, block)) for t in (X, B, C))  # (b, c, k, q, ...)
@@ -136,7 +144,8 @@ def earlier_blocks(
     block: int,
     overwrite: bool = False,
 ) -> Tensor:
-    "Add to `Y` what each token reads from the earlier blocks of its chunk, through token `e - 1`."
+    """Add to `Y` what each token reads from the earlier blocks of its chunk, through
+    token `e - 1`."""
     tok = lambda v: per_token(v).to(Y.dtype)  # (b, c, g, r, q) -> (b, c, q, g, r, 1)
     for e in range(
         block, X.size(2), block
@@ -196,7 +205,10 @@ def ssd_fast(
     cpu_segment: int = 512,
     scores_memory: int = 192 * 2**20,
 ) -> tuple[Tensor, Tensor]:
-    "`ssd_chunked`'s result, tuned: blocks in chunks, bounded memory, CPU segments, hi/lo sums."
+    """`ssd_chunked`'s result, tuned.
+
+    Blocks in chunks, bounded memory, CPU segments, hi/lo sums.
+    """
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
     chunk_size = check_chunk_size(chunk_size, l)
     segment = max(1, cpu_segment // chunk_size) * chunk_size  # whole chunks

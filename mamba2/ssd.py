@@ -21,7 +21,10 @@ def ssd(
     initial_states: Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    "The SSD by implementation `impl`: `'auto'` (the fastest correct one) or a key of `IMPLEMENTATIONS`."
+    """The SSD by implementation `impl`.
+
+    `impl` is `'auto'` (the fastest correct one) or a key of `IMPLEMENTATIONS`.
+    """
     if impl == "auto":
         impl = "fast"  # the fastest correct one on every device (chapter 8)
     if impl not in IMPLEMENTATIONS:
