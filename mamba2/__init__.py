@@ -16,6 +16,8 @@ from .segsum import *  # noqa: F401,F403
 from .quadratic import *  # noqa: F401,F403
 from .chunked import *  # noqa: F401,F403
 from .block import *  # noqa: F401,F403
+from .config import *  # noqa: F401,F403
+from .layers import *  # noqa: F401,F403
 from .ssd import *  # noqa: F401,F403
 from .step import *  # noqa: F401,F403
 from .lm import *  # noqa: F401,F403

@@ -110,3 +110,44 @@ def test_colab_fetches_every_results_file(nb):
     assert read <= fetched, (
         f"{nb.name}: results files read but not fetched for Colab: {sorted(read - fetched)}"
     )
+
+
+WIDTH = 88  # characters of code that fit the rendered column without scrolling sideways
+
+
+@pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.name)
+def test_code_fits_the_column(nb):
+    "No line of a code cell is wider than the page's column: nothing is cut off on the page."
+    wide = [
+        f"cell {i}: {line[:60]}... ({len(line)})"
+        for i, (kind, src, tags) in enumerate(cells(nb))
+        if kind == "code" and "remove-cell" not in tags
+        for line in src.splitlines()
+        if len(line) > WIDTH
+    ]
+    assert not wide, (
+        f"{nb.name}: {len(wide)} code lines over {WIDTH} characters: {wide[:5]}"
+    )
+
+
+CHAPTER_MENTION = re.compile(r"(?<![\[\w`/])[Cc]hapters? \d\b(?![^\[]*\]\()")
+
+
+@pytest.mark.parametrize("nb", PAGES, ids=lambda p: p.name)
+def test_chapter_mentions_are_links(nb):
+    "'chapter N' in the prose links to chapter N (headings and a chapter naming itself aside)."
+    own = nb.name[:2].lstrip("0")
+    plain = []
+    for kind, src, _ in cells(nb):
+        if kind != "markdown":
+            continue
+        for line in src.splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            text = re.sub(r"`[^`]*`|\$[^$]*\$|\[[^\]]*\]\([^)]*\)", "", line)
+            plain += [
+                m.group(0)
+                for m in CHAPTER_MENTION.finditer(text)
+                if m.group(0)[-1] != own
+            ]
+    assert not plain, f"{nb.name}: chapter mentions that are not links: {plain[:5]}"
