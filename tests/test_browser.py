@@ -440,10 +440,11 @@ def test_phone_screenshot_and_no_page_wider_than_the_screen(page, server, browse
 
 
 # What a reader must never see in an output: a build's warnings and progress bars, tracebacks,
-# error streams, machine paths.
+# compiler and memory errors, machine paths. (Exceptions a chapter raises on purpose, to show its
+# messages, print as "TypeError: ..." and are not noise.)
 NOISE = re.compile(
-    r"Warning\b|Traceback|\d+%\|[^|]*\||it/s\]|/root/|/home/|\.venv|site-packages|"
-    r"/tmp/|Error:|Set TORCH"
+    r"\w*Warning\b|Traceback|\d+%\|[^|]*\||it/s\]|/root/|/home/|\.venv|site-packages|"
+    r"/tmp/|InductorError|out of memory|Set TORCH"
 )
 
 
@@ -463,3 +464,21 @@ def test_no_build_noise_in_outputs(page):
         for m in NOISE.finditer(out.get_text())
     ]
     assert not found, f"build noise in outputs: {found[:5]}"
+
+
+@pytest.mark.parametrize("page", CHAPTERS)
+def test_no_code_block_scrolls_sideways(page, server, browser):
+    "At 1400 px every code cell and every printed output fits the column: no comment is cut off."
+    browser.set_window_size(1400, 900)
+    try:
+        browser.get(f"{server}/{page}")
+        wide = browser.execute_script(
+            "return [...document.querySelectorAll('div.cell div.highlight pre')]"
+            ".filter(e => e.scrollWidth > e.clientWidth + 2)"
+            ".map(e => e.textContent.split('\\n').reduce((a, b) => a.length > b.length ? a : b))"
+        )
+        assert not wide, (
+            f"{len(wide)} blocks scroll sideways, e.g. {[w[:70] for w in wide[:3]]}"
+        )
+    finally:
+        browser.set_window_size(1280, 900)
