@@ -58,7 +58,7 @@ def discretize(
 ) -> tuple[Tensor, Tensor]:
     """Step sizes `softplus(dt + dt_bias)` clamped to `dt_limit`, and log-decays.
 
-    The log-decays are `dt * A` with `A = -exp(A_log)`; both results are `(..., h)`,
+    The log-decays are `dt * a` with `a = -exp(A_log)`; both results are `(..., h)`,
     at least float32.
     """
     dtype = torch.promote_types(dt.dtype, torch.float32)

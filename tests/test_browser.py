@@ -472,6 +472,10 @@ def test_no_code_block_scrolls_sideways(page, server, browser):
     browser.set_window_size(1400, 900)
     try:
         browser.get(f"{server}/{page}")
+        (SHOTS / "1400").mkdir(exist_ok=True)
+        browser.save_screenshot(
+            str(SHOTS / "1400" / Path(page).with_suffix(".png").name)
+        )
         wide = browser.execute_script(
             "return [...document.querySelectorAll('div.cell div.highlight pre')]"
             ".filter(e => e.scrollWidth > e.clientWidth + 2)"
