@@ -563,3 +563,46 @@ def test_cli_zero_new_tokens_and_a_normal_run(cli_model):
         and run.stdout.startswith("hello")
         and "tokens/s" in run.stderr
     ), run.stderr
+
+
+def test_cuda_graph_needs_a_gpu_and_a_bool():
+    model = Mamba2LMHeadModel(
+        Mamba2Config(
+            d_model=32, d_state=8, headdim=8, chunk_size=8, n_layer=1, vocab_size=50
+        )
+    )
+    ids = torch.randint(0, 50, (2, 5))
+    with pytest.raises(
+        ValueError, match="cuda_graph=True needs input_ids on a CUDA device"
+    ):
+        model.generate(ids, 3, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be None or a bool, got 'yes'"):
+        model.generate(ids, 3, cuda_graph="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_decoding_gives_the_plain_steps_tokens(dtype, batch):
+    "The captured step replays the same kernels on the same tensors: the same tokens."
+    torch.manual_seed(0)
+    config = Mamba2Config(
+        d_model=64, d_state=16, headdim=16, chunk_size=16, n_layer=3, vocab_size=90
+    )
+    model = Mamba2LMHeadModel(config, device="cuda", dtype=dtype).eval()
+    ids = torch.randint(0, 90, (batch, 11), device="cuda")
+    for kwargs in (
+        dict(temperature=0),
+        dict(temperature=1.0, top_p=0.9, eos_token_id=7),
+    ):
+        runs = [
+            model.generate(
+                ids,
+                30,
+                cuda_graph=graph,
+                **kwargs,
+                generator=torch.Generator("cuda").manual_seed(1),
+            )
+            for graph in (False, True)
+        ]
+        assert torch.equal(runs[0], runs[1]), kwargs
