@@ -147,6 +147,12 @@ def check_device_dtype(
             raise ValueError(
                 f"device {device!r} cannot be used here: {str(e).splitlines()[0]}"
             ) from None
+        if (
+            torch.device(device).type == "meta"
+        ):  # shapes only: no weights can load there
+            raise ValueError(
+                f"device {device!r} holds no values: load onto 'cpu' or 'cuda'"
+            )
     if dtype is not None and dtype not in FLOAT_DTYPES:
         kind = ValueError if isinstance(dtype, torch.dtype) else TypeError
         names = ", ".join(map(str, FLOAT_DTYPES))

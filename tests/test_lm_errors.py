@@ -606,3 +606,14 @@ def test_cuda_graph_decoding_gives_the_plain_steps_tokens(dtype, batch):
             for graph in (False, True)
         ]
         assert torch.equal(runs[0], runs[1]), kwargs
+
+
+def test_a_model_cannot_load_onto_the_meta_device(tmp_path):
+    "meta holds shapes, not values: loading weights there is refused by name, also from the CLI."
+    Mamba2LMHeadModel(
+        Mamba2Config(
+            d_model=32, d_state=8, headdim=8, chunk_size=8, n_layer=1, vocab_size=50
+        )
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="device 'meta' holds no values"):
+        Mamba2LMHeadModel.from_pretrained(tmp_path, device="meta")
