@@ -24,5 +24,6 @@ from .lm import *  # noqa: F401,F403
 from .formats import *  # noqa: F401,F403
 from .checkpoints import *  # noqa: F401,F403
 from .generation import *  # noqa: F401,F403
+from .graphs import *  # noqa: F401,F403
 from .cli import *  # noqa: F401,F403
 from .fast import *  # noqa: F401,F403
