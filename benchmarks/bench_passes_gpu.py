@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mamba2
 from mamba2.chunked import chunk_inputs
-from mamba2.fast import chunk_cumsum, mul_to, ssd_fast
+from mamba2.decays import chunk_cumsum
+from mamba2.fast import mul_to, ssd_fast
 from mamba2.quadratic import per_token, split_heads
 
 BLOCK = (

@@ -27,3 +27,4 @@ from .generation import *  # noqa: F401,F403
 from .graphs import *  # noqa: F401,F403
 from .cli import *  # noqa: F401,F403
 from .fast import *  # noqa: F401,F403
+from .decays import *  # noqa: F401,F403

@@ -2,8 +2,6 @@
 
 # %% auto #0
 __all__ = [
-    "chunk_cumsum",
-    "chunk_decays",
     "mul_to",
     "scores_attention",
     "decayed_states",
@@ -14,48 +12,14 @@ __all__ = [
 ]
 
 # %% ../book/08_performance.ipynb #80cecb0a
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .chunked import check_chunk_size, chunk_inputs, pass_states
+from .decays import chunk_cumsum, chunk_decays
 from .quadratic import flush_tiny, per_token, split_heads
 from .scan import check_ssd_inputs
-
-
-# %% ../book/08_performance.ipynb #5c001730
-def chunk_cumsum(A: Tensor, dim: int = -1) -> Tensor:
-    """`A_0 + ... + A_j` along `dim` in float64, as a product with a triangular matrix
-    of ones."""
-    ones = torch.ones(
-        A.size(dim), A.size(dim), dtype=torch.float64, device=A.device
-    ).tril()
-    if dim in (-1, A.ndim - 1):
-        return A.double() @ ones.T
-    return (ones @ A.double().movedim(dim, -2)).movedim(-2, dim)
-
-
-def chunk_decays(S: Tensor, dtype: torch.dtype, floor: bool = True) -> Tensor:
-    """`exp(S_t - S_s)` on and below the diagonal, `(..., q, q)` in `dtype`.
-
-    From the sums `S: (..., q)`.
-    """
-    q = S.size(-1)
-    causal = torch.ones(q, q, dtype=torch.bool, device=S.device).tril()
-    hi = S.to(dtype)
-    L = hi[..., :, None] - hi[..., None, :]
-    if S.dtype != dtype:  # S = hi + lo to float64's precision
-        lo = (S - hi).to(dtype)
-        L.add_(lo[..., :, None]).sub_(lo[..., None, :])
-    if not floor:  # -inf above the diagonal: exact zeros
-        return L.masked_fill_(~causal, -torch.inf).exp_()
-    info = torch.finfo(dtype)  # no exponent below log(tiny / eps)
-    low = torch.full(
-        (q, q), math.log(info.tiny / info.eps), dtype=dtype, device=S.device
-    )
-    return L.clamp_(low, low.masked_fill(causal, torch.inf)).exp_()
 
 
 # %% ../book/08_performance.ipynb #a6c34a96

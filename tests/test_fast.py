@@ -7,7 +7,8 @@ import torch
 from oracle import naive_ssd, random_inputs, rel_err
 
 from mamba2 import segsum, ssd_chunked
-from mamba2.fast import chunk_cumsum, chunk_decays, ssd_fast
+from mamba2.decays import chunk_cumsum, chunk_decays
+from mamba2.fast import ssd_fast
 
 
 def test_segment_sums_as_precise_as_the_masked_cumsum():
