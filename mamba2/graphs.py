@@ -34,13 +34,8 @@ class GraphedStep:
             c.conv_state.copy_(conv), c.ssm_state.copy_(ssm)
 
     def run(self) -> Tensor:
-        "The step on the static token, without `model.step`'s checks of the ids."
-        m = self.model
-        residual = m.backbone.embedding(self.token)[:, None]
-        residual = residual.float() if m.config.residual_in_fp32 else residual
-        for layer, layer_cache in zip(m.backbone.layers, self.cache):
-            residual = layer.step(residual, layer_cache)
-        return m.lm_head(m.backbone.norm_f(residual))[:, 0]
+        "The step on the static token and cache, without `model.step`'s checks."
+        return self.model.next_logits(self.token, self.cache)
 
     def __call__(self, token: Tensor) -> Tensor:
         "Next-token logits `(b, vocab)` after `token: (b,)`: the graph replayed."

@@ -132,6 +132,10 @@ class Mamba2LMHeadModel(nn.Module):
         self, ids: Tensor, name: str = "input_ids", shape: str = "(b, l)"
     ) -> Tensor:
         check_input_ids(ids, self.config.vocab_size, name, shape)
+        return self._residual(ids)
+
+    def _residual(self, ids: Tensor) -> Tensor:
+        "The residual stream's start: the embedding, float32 if `residual_in_fp32`."
         x = self.backbone.embedding(ids.long())
         return x.float() if self.config.residual_in_fp32 else x
 
@@ -181,8 +185,13 @@ class Mamba2LMHeadModel(nn.Module):
 
     def step(self, token: Tensor, cache: list[InferenceCache]) -> Tensor:
         "Next-token logits `(b, vocab)` after `token: (b,)`; updates `cache`."
-        residual = self._embed(token, "token", "(b,)")[:, None]
+        check_input_ids(token, self.config.vocab_size, "token", "(b,)")
         self._check_cache(cache, len(token))
+        return self.next_logits(token, cache)
+
+    def next_logits(self, token: Tensor, cache: list[InferenceCache]) -> Tensor:
+        "`step` without its checks: what a CUDA graph can capture (`GraphedStep`)."
+        residual = self._residual(token)[:, None]
         layers = self.backbone.layers if len(token) else []  # empty batch: no work
         for layer, layer_cache in zip(layers, cache):
             residual = layer.step(residual, layer_cache)
