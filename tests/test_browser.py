@@ -9,6 +9,7 @@ the tests are skipped, unless BOOK_BROWSER_TEST=required (as in .ci/run), which 
 """
 
 import base64
+import contextlib
 import functools
 import html.parser
 import http.server
@@ -353,6 +354,16 @@ def test_browser_is_offline(server, browser):
 CHAPTERS = [p for p in pages() if re.match(r"book/\d\d_", p)]
 
 
+@contextlib.contextmanager
+def window(driver, width):
+    "The browser `width` px wide inside the block, then back to the other tests' 1280 px."
+    driver.set_window_size(width, 900)
+    try:
+        yield
+    finally:
+        driver.set_window_size(1280, 900)
+
+
 def visible(driver, selector):
     "Whether any element matching `selector` is on the screen."
     return driver.execute_script(
@@ -378,8 +389,7 @@ def test_sidebars_open_and_close(width, server, browser):
     "The chapter list and the page contents open and close from the visible buttons, on a phone and a desktop."
     import time
 
-    browser.set_window_size(width, 900)
-    try:
+    with window(browser, width):
         browser.get(f"{server}/book/04_chunked.html")
         shot = SHOTS / str(width)
         shot.mkdir(exist_ok=True)
@@ -417,15 +427,12 @@ def test_sidebars_open_and_close(width, server, browser):
             ".filter(e => e.getBoundingClientRect().height > 0).length"
         )
         assert navbars == 1, f"{navbars} bars at the top of the page"
-    finally:
-        browser.set_window_size(1280, 900)
 
 
 @pytest.mark.parametrize("page", CHAPTERS)
 def test_phone_screenshot_and_no_page_wider_than_the_screen(page, server, browser):
     "At 400 px nothing makes the page itself scroll sideways (code and equations scroll inside themselves)."
-    browser.set_window_size(400, 900)
-    try:
+    with window(browser, 400):
         browser.get(f"{server}/{page}")
         (SHOTS / "400").mkdir(exist_ok=True)
         browser.save_screenshot(
@@ -435,8 +442,6 @@ def test_phone_screenshot_and_no_page_wider_than_the_screen(page, server, browse
             "return document.documentElement.scrollWidth - window.innerWidth"
         )
         assert wide <= 0, f"the page is {wide} px wider than a 400 px screen"
-    finally:
-        browser.set_window_size(1280, 900)
 
 
 # What a reader must never see in an output: a build's warnings and progress bars, tracebacks,
@@ -469,8 +474,7 @@ def test_no_build_noise_in_outputs(page):
 @pytest.mark.parametrize("page", CHAPTERS)
 def test_no_code_block_scrolls_sideways(page, server, browser):
     "At 1400 px every code cell and every printed output fits the column: no comment is cut off."
-    browser.set_window_size(1400, 900)
-    try:
+    with window(browser, 1400):
         browser.get(f"{server}/{page}")
         (SHOTS / "1400").mkdir(exist_ok=True)
         browser.save_screenshot(
@@ -484,5 +488,3 @@ def test_no_code_block_scrolls_sideways(page, server, browser):
         assert not wide, (
             f"{len(wide)} blocks scroll sideways, e.g. {[w[:70] for w in wide[:3]]}"
         )
-    finally:
-        browser.set_window_size(1280, 900)
