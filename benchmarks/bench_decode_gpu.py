@@ -1,64 +1,275 @@
-"""Greedy decoding on one GPU: our step launched kernel by kernel, and replayed from a CUDA graph.
+"""Greedy decoding on one GPU: ours (plain step, CUDA graph) beside mamba_ssm's `generate` (cg=False, cg=True).
 
-    python benchmarks/bench_decode_gpu.py [--batches 1,16] [--new 128] [--out FILE]
+    PARTS=decode bash benchmarks/run_gpu.sh [OUTDIR]      # the GPU suite's way: mamba_ssm's source on the path
+    python benchmarks/bench_decode_gpu.py [--batches 1,16] [--new 128] [--repeats 3] [--out FILE]
 
-A mamba2-130m-shaped model with random weights (24 layers, d_model 768), bfloat16, a 64-token prompt,
-`--new` new tokens; tokens/s of the whole `generate` call after a warm-up call, median of 3 runs.
+A mamba2-130m-shaped model (d_model 768, 24 layers, vocabulary 50277 padded to 50288, d_state 128, headdim 64),
+bfloat16, random weights: mamba_ssm's `MambaLMHeadModel` is built and initialised by mamba_ssm, saved in its
+format (config.json, pytorch_model.bin) and loaded by ours with `from_pretrained`, so both run the same weights.
+A 64-token prompt, then `--new` new tokens, greedy, no EOS; both sides pick from the first 50277 logits only.
+Time of the whole `generate` call (prompt included), after a warm-up call (which also captures the graphs),
+the four variants interleaved so that they see the same machine; tokens/s = batch * new / median time.
+Also: the kernels one plain step launches (torch.profiler), and the time of one step launched kernel by kernel
+and replayed from the graph. Without mamba_ssm importable, ours alone is measured and the reason is recorded.
 """
 
 import argparse
+import dataclasses
+import datetime
 import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
+import types
+import warnings
+from pathlib import Path
 
 import torch
 
+import mamba2
 from mamba2 import Mamba2Config, Mamba2LMHeadModel
+from mamba2.graphs import GraphedStep
+
+D_MODEL, N_LAYER, VOCAB, PAD, PROMPT = 768, 24, 50277, 16, 64
 
 
-def tokens_per_s(model, ids, new, graph):
-    model.generate(ids, 4, temperature=0, cuda_graph=graph)  # warm-up (and capture)
-    times = []
+def run_text(*cmd):
+    try:
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=20
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def env_info():
+    "The machine, the versions, the commit and the date, as the other GPU benchmarks write them."
+    props = torch.cuda.get_device_properties(0)
+    info = dict(
+        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        host=platform.node(),
+        cpu_count=os.cpu_count(),
+        gpu=props.name,
+        gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        sm_count=props.multi_processor_count,
+        cuda=torch.version.cuda,
+        driver=run_text(
+            "nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"
+        ),
+        commit=os.environ.get("BENCH_COMMIT")
+        or run_text("git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"),
+        mamba2=mamba2.__version__,
+    )
+    for name in ("triton", "transformers", "mamba_ssm"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:
+            pass
+    return info
+
+
+def import_mamba_ssm():
+    """mamba_ssm's MambaLMHeadModel and MambaConfig from its source package, without its compiled extensions.
+
+    run_gpu.sh unpacks the source and stubs its package __init__. mixer_seq_simple.py also imports the Mamba-1
+    module, whose selective_scan_interface.py imports the compiled `selective_scan_cuda` at its top; Mamba-2
+    never calls it, so an empty module stands in for it here (sys.modules). `causal_conv1d` is imported under
+    try by mamba_ssm itself: absent, its Mamba-2 step rolls the convolution state with PyTorch operations and
+    its prompt pass uses nn.Conv1d. The layer is built with use_mem_eff_path=False (the fused path needs
+    causal_conv1d; generate does not take it anyway, since it passes an inference cache)."""
+    sys.modules.setdefault(
+        "selective_scan_cuda", types.ModuleType("selective_scan_cuda")
+    )
+    import mamba_ssm
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    return mamba_ssm, MambaConfig, MambaLMHeadModel
+
+
+def build_models(dtype):
+    "(ours, theirs or None, why theirs is None): the same random weights on both sides."
+    torch.manual_seed(0)
+    try:
+        mamba_ssm, MambaConfig, MambaLMHeadModel = import_mamba_ssm()
+    except Exception as e:
+        why = f"mamba_ssm not importable: {type(e).__name__}: {e}"
+        config = Mamba2Config(
+            d_model=D_MODEL,
+            n_layer=N_LAYER,
+            vocab_size=VOCAB,
+            pad_vocab_size_multiple=PAD,
+        )
+        return Mamba2LMHeadModel(config, device="cuda", dtype=dtype).eval(), None, why
+    config = MambaConfig(
+        d_model=D_MODEL,
+        n_layer=N_LAYER,
+        vocab_size=VOCAB,
+        pad_vocab_size_multiple=PAD,
+        ssm_cfg={"layer": "Mamba2", "use_mem_eff_path": False},
+    )
+    theirs = MambaLMHeadModel(config, device="cuda", dtype=dtype).eval()
+    with tempfile.TemporaryDirectory() as folder:  # mamba_ssm's format, read by ours
+        Path(folder, "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+        torch.save(theirs.state_dict(), Path(folder, "pytorch_model.bin"))
+        ours = Mamba2LMHeadModel.from_pretrained(folder, device="cuda", dtype=dtype)
+    mine, sd = ours.state_dict(), theirs.state_dict()
+    same = set(mine) == set(sd) and all(torch.equal(v, sd[k]) for k, v in mine.items())
+    assert same, "the weights did not arrive unchanged"
+    return ours.eval(), theirs, None
+
+
+def variants(ours, theirs, new):
+    "name -> a function of the prompt that generates `new` tokens greedily."
+    out = {
+        "ours_eager": lambda ids: ours.generate(
+            ids, new, temperature=0, cuda_graph=False
+        ),
+        "ours_graph": lambda ids: ours.generate(
+            ids, new, temperature=0, cuda_graph=True
+        ),
+    }
+    if theirs is not None:
+        for name, cg in (("mamba_ssm", False), ("mamba_ssm_cg", True)):
+            out[name] = lambda ids, cg=cg: theirs.generate(
+                ids, ids.shape[1] + new, top_k=1, vocab_size=VOCAB, cg=cg
+            )
+    return out
+
+
+def timed(f, ids):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = f(ids)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+@torch.inference_mode()
+def step_costs(model, batch, steps=50):
+    "Kernels one plain step launches (profiler), and ms a step: launched one by one, replayed."
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cache, token = (
+        model.allocate_cache(batch),
+        torch.zeros(batch, dtype=torch.long, device="cuda"),
+    )
     for _ in range(3):
+        model.next_logits(token, cache)
+    torch.cuda.synchronize()
+    warnings.filterwarnings("ignore", message=".*Profiler clears events")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.next_logits(token, cache)
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, new, temperature=0, cuda_graph=graph)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return ids.shape[0] * new / statistics.median(times)
+    on_gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = sum(not e.name.startswith(("Memcpy", "Memset")) for e in on_gpu)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.next_logits(token, cache)
+    torch.cuda.synchronize()
+    eager = (time.perf_counter() - t0) / steps * 1e3
+    graphed = GraphedStep(model, batch)
+    graphed(token)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graphed(token)
+    torch.cuda.synchronize()
+    replay = (time.perf_counter() - t0) / steps * 1e3
+    return dict(
+        kernels=kernels, copies=len(on_gpu) - kernels, eager_ms=eager, graph_ms=replay
+    )
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model = Mamba2LMHeadModel(
-        Mamba2Config(d_model=768, n_layer=24), device="cuda", dtype=torch.bfloat16
-    ).eval()
-    rows = []
-    for b in map(int, args.batches.split(",")):
-        ids = torch.randint(0, 50277, (b, 64), device="cuda")
-        same = torch.equal(
-            model.generate(ids, 32, temperature=0, cuda_graph=False),
-            model.generate(ids, 32, temperature=0, cuda_graph=True),
+    dtype = torch.bfloat16
+    ours, theirs, why = build_models(dtype)
+    print(
+        "mamba_ssm:", why or "imported, the same weights loaded into ours", flush=True
+    )
+    res = dict(
+        env=env_info(),
+        config=dict(
+            d_model=D_MODEL,
+            n_layer=N_LAYER,
+            vocab_size=VOCAB,
+            padded_vocab=ours.lm_head.weight.shape[0],
+            dtype="bfloat16",
+            prompt=PROMPT,
+            new=args.new,
+            repeats=args.repeats,
+            greedy=True,
+            weights="random, mamba_ssm's init, the same on both sides"
+            if theirs is not None
+            else "random",
+        ),
+        mamba_ssm_error=why,
+        step={},
+        results=[],
+    )
+    costs = {b: step_costs(ours, b) for b in map(int, args.batches.split(","))}
+    res["step"] = dict(
+        kernels_per_step=costs[min(costs)]["kernels"],
+        copies_per_step=costs[min(costs)]["copies"],
+        eager_step_ms={str(b): round(c["eager_ms"], 3) for b, c in costs.items()},
+        graph_step_ms={str(b): round(c["graph_ms"], 3) for b, c in costs.items()},
+    )
+    print(json.dumps(res["step"]), flush=True)
+    for b in costs:
+        ids = torch.randint(1, VOCAB, (b, PROMPT), device="cuda", generator=None)
+        fs = variants(ours, theirs, args.new)
+        outs = {
+            name: f(ids) for name, f in fs.items()
+        }  # warm-up: compile, autotune, capture
+        times = {name: [] for name in fs}
+        for _ in range(args.repeats):  # interleaved
+            for name, f in fs.items():
+                t, outs[name] = timed(f, ids)
+                times[name].append(t)
+        row = dict(batch=b)
+        for name in fs:
+            row[name] = round(b * args.new / statistics.median(times[name]), 1)
+            row[name + "_times_s"] = [round(t, 4) for t in times[name]]
+        row["same_tokens"] = torch.equal(outs["ours_eager"], outs["ours_graph"])
+        if theirs is not None:
+            a, c = outs["ours_graph"][:, PROMPT:], outs["mamba_ssm_cg"][:, PROMPT:]
+            row["shape_ok"] = a.shape == c.shape
+            agree = (a == c).cumprod(1).sum(1).float() if a.shape == c.shape else None
+            row["tokens_agreeing_with_mamba_ssm_before_first_difference"] = (
+                None if agree is None else round(agree.mean().item(), 1)
+            )
+            row["graph_over_mamba_ssm_cg"] = round(
+                row["ours_graph"] / row["mamba_ssm_cg"], 2
+            )
+        print(
+            json.dumps({k: v for k, v in row.items() if not k.endswith("_s")}),
+            flush=True,
         )
-        row = dict(
-            batch=b,
-            eager_tok_s=round(tokens_per_s(model, ids, args.new, False), 1),
-            graph_tok_s=round(tokens_per_s(model, ids, args.new, True), 1),
-            same_greedy_tokens=same,
-        )
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
-    print(json.dumps(env))
+        res["results"].append(row)
+    print(json.dumps(res["env"]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(env=env, results=rows), f, indent=1)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

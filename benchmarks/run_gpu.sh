@@ -46,5 +46,10 @@ if [[ ",$PARTS," == *",model,"* ]]; then
   PYTHONPATH="$REPO" python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --compile --out "$OUT/model_gpu.json" \
     --impls "${IMPLS:-auto}" 2>&1 | tee "$OUT/model_gpu.log"
 fi
+# 4. decoding (not in the default PARTS; PARTS=decode): ours, plain and replayed from a CUDA graph, beside mamba_ssm's
+#    generate with cg=False and cg=True, the same weights in both, batch 1 and 16
+if [[ ",$PARTS," == *",decode,"* ]]; then
+  PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_decode_gpu.py --out "$OUT/decode_gpu.json" 2>&1 | tee "$OUT/decode_gpu.log"
+fi
 rm -rf "$MS"
 python3 benchmarks/plot.py "$OUT" 2>&1 | tail -3 || true

@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--tokenizer", help="default: the model's own, else GPT-NeoX's")
     g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        help="replay each step from a CUDA graph (default: on a CUDA device)",
+    )
     return parser.parse_args(argv)
 
 
@@ -81,6 +86,11 @@ def prepare(args: argparse.Namespace) -> tuple:
     if args.seed is not None:
         check_arg("--seed", args.seed, int, lambda s: 0 <= s < 2**64, "in [0, 2**64)")
     check_device_dtype(args.device)
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        raise ValueError(
+            f"--cuda-graph needs a CUDA --device, got {args.device!r}: "
+            "leave it out, or give --no-cuda-graph"
+        )
     dtype = getattr(torch, args.dtype)
     model = Mamba2LMHeadModel.from_pretrained(args.model, args.device, dtype)
     tokenizer = load_tokenizer(args.tokenizer or tokenizer_name(args.model))
@@ -134,6 +144,7 @@ def print_stream(
         args.top_p,
         tokenizer.eos_token_id,
         generator,
+        args.cuda_graph,
     ):
         new.append(token.item())
         first = time.perf_counter() if len(new) == 1 else first  # the prompt is done

@@ -484,6 +484,7 @@ def cli_cases(folder):
             "device 'cuda",
         ),
         (m + ["--device", "nonsense"], "device 'nonsense'"),
+        (m + ["--cuda-graph"], "--cuda-graph needs a CUDA --device, got 'cpu'"),
         (m + ["--temperature", "-1"], "temperature must be a finite number >= 0"),
         (m + ["--temperature", "nan"], "temperature"),
         (m + ["--top-p", "1.5"], "top_p must be None or a number in (0, 1], got 1.5"),
@@ -557,6 +558,7 @@ def test_cli_zero_new_tokens_and_a_normal_run(cli_model):
         "5",
         "--top-p",
         "0.9",
+        "--no-cuda-graph",
     )
     assert (
         run.returncode == 0
