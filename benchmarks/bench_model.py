@@ -7,7 +7,11 @@ Ours is `mamba2` with `Mamba2Config.impl` set by `--impls` (default `auto`, the 
 `ssd_fast`; `chunked`: chapter 4's plain `ssd_chunked`), one model per implementation, named `mamba2`
 (auto) and `mamba2_IMPL` (the others).
 - `block`: layer 0's mixer forward, `u: (b, l, d_model)`, ours (eager, and compiled on CUDA) against
-  transformers' `Mamba2Mixer`; median time and peak memory above the inputs;
+  transformers' `Mamba2Mixer`; median time and peak memory above the inputs. Compiled once for
+  every length (`torch.compile(block)`, the length of `u` marked dynamic): each shape records its
+  first call's time (`first_call_s`: the compilation when `new_graphs` is 1) apart from the steady
+  state (`s`), and the first compiled shape is also called at a second, odd length under
+  `set_stance("fail_on_recompile")` (`second_length_recompiled`: False when no graph was made);
 - `lm`: the whole model's forward to logits;
 - `decode`: greedy decoding, tokens per second, ours `generate(temperature=0)` against transformers'
   `generate(do_sample=False)`, and whether the tokens agree;
@@ -24,6 +28,7 @@ import time
 
 import torch
 from bench_ssd_gpu import env_info
+from torch._dynamo.utils import counters
 
 import mamba2
 
@@ -82,6 +87,26 @@ def _status(key):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def second_length(m, u, device):
+    """Call the compiled `m` at a second, odd length (`l - 1` tokens of `u`), where a
+    new compilation would raise; what happened, for the results file."""
+    v = u[:, 1:].clone()
+    torch._dynamo.mark_dynamic(v, 1)
+    r = {"second_length": v.size(1)}
+    t0 = time.perf_counter()
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            m(v)
+        device == "cuda" and torch.cuda.synchronize()
+        r["second_length_recompiled"] = False
+    except RuntimeError as e:
+        if "recompile" not in str(e):
+            raise
+        r["second_length_recompiled"] = True
+    r["second_length_first_call_s"] = round(time.perf_counter() - t0, 2)
+    return r
 
 
 def build(args, device, dtype):
@@ -145,6 +170,11 @@ def main():
         "--compile", action="store_true", help="also time our block under torch.compile"
     )
     ap.add_argument(
+        "--compile-cpu",
+        action="store_true",
+        help="with --compile: compile on a CPU too (a test of this script)",
+    )
+    ap.add_argument(
         "--compile-max-l",
         type=int,
         default=4096,
@@ -187,10 +217,12 @@ def main():
             variants = {
                 name: m.backbone.layers[0].mixer for name, m in ours_all.items()
             } | {"transformers": theirs}
-            if args.compile and dev == "cuda":
+            if args.compile and (dev == "cuda" or args.compile_cpu):
+                # compiled once: the length of u is marked dynamic (below)
                 variants[list(ours_all)[0] + "_compiled"] = torch.compile(
-                    ours.backbone.layers[0].mixer, dynamic=False
+                    ours.backbone.layers[0].mixer
                 )
+            second_length_checked = False
             for shape in args.block.split(","):
                 b, l = map(int, shape.split("x"))
                 u = torch.randn(
@@ -213,15 +245,29 @@ def main():
                         save(r)
                         continue
                     try:
+                        compiled = name.endswith("_compiled")
+                        if compiled:  # one graph for every length
+                            torch._dynamo.mark_dynamic(u, 1)
+                            graphs = counters["stats"]["unique_graphs"]
                         t0 = time.perf_counter()
                         y = m(u)
                         dev == "cuda" and torch.cuda.synchronize()
+                        # compiled: the compilation, if this call made a graph
                         r["first_call_s"] = round(time.perf_counter() - t0, 2)
+                        if compiled:
+                            r["new_graphs"] = (
+                                counters["stats"]["unique_graphs"] - graphs
+                            )
+                            r["graphs_total"] = counters["stats"]["unique_graphs"]
+                            r["graph_breaks"] = sum(counters["graph_break"].values())
                         if ref is not None:
                             r["rel_err_vs_transformers"] = rel(y, ref)
                         del y
                         r["s"] = t(lambda: m(u), args.reps)
                         r["peak_mib"] = peak_mib(lambda: m(u), dev)
+                        if compiled and not second_length_checked:
+                            r.update(second_length(m, u, dev))
+                            second_length_checked = True
                     except Exception as e:
                         r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     save(r)

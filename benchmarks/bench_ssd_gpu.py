@@ -11,7 +11,10 @@ with `X = x * dt` and `A = dt * a` (the kernel discretizes inside, so ours does 
 - `hf`: transformers' pure-PyTorch `mamba2_chunk_scan`;
 - `ssd`: `mamba2.ssd(..., impl="auto")`, the front door (`ssd_fast`, chapter 8);
 - `ssd_chunked`: `mamba2.ssd(..., impl="chunked")`, chapter 4's plain algorithm;
-- `NAME_compiled`: `torch.compile(NAME, dynamic=False)`, compiled once per shape.
+- `NAME_compiled`: `torch.compile(NAME, dynamic=False)`, compiled once per shape; with `--dynamic`,
+  `torch.compile(NAME)` compiled once with the length of the inputs marked dynamic
+  (`torch._dynamo.mark_dynamic`) and kept across shapes: `new_graphs` says whether a shape's first
+  call compiled (a new batch size does; a new length should not), `first_call_s` its time.
 (Results files written before the split into `ssd_chunked` and `ssd_fast` call the tuned code `chunked`.)
 For each shape: a float64 reference (the paper's listing in float64), every variant's relative error
 against it, then its median time per call (`triton.testing.do_bench`: what a caller waits, Python's
@@ -33,6 +36,7 @@ import traceback
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 SHAPES = {
     "8x1k": (8, 1024),
@@ -232,6 +236,12 @@ def main():
     ap.add_argument("--out", default="bench_ssd_gpu.json")
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="compile each _compiled variant once, the length marked dynamic, and "
+        "keep it across shapes (default: dynamic=False, compiled again per shape)",
+    )
+    ap.add_argument(
         "--profile",
         default="",
         help="variant to profile (kernel table) at the first shape",
@@ -249,7 +259,7 @@ def main():
         res["ceilings"] = ceilings()
         print("ceilings", res["ceilings"], flush=True)
 
-    fns = {}
+    fns, compiled = {}, {}
     only = {
         v.split("@")[0]: v.split("@")[1].split("+")
         for v in args.variants.split(",")
@@ -334,10 +344,24 @@ def main():
             }
             try:
                 fn = fns[base]
-                if v.endswith("_compiled"):
+                if v.endswith("_compiled") and args.dynamic:
+                    # compiled once, the length marked dynamic; kept across shapes
+                    if v not in compiled:
+                        compiled[v] = torch.compile(fn)
+                    fn = compiled[v]
+                    for t in (x, dt, B, C):
+                        torch._dynamo.mark_dynamic(t, 1)
+                    before = int(counters["stats"]["unique_graphs"])
+                    t0 = time.perf_counter()
+                    fn(x, dt, a, B, C)
+                    torch.cuda.synchronize()
+                    # the compilation, if this shape made a graph (new_graphs)
+                    r["first_call_s"] = round(time.perf_counter() - t0, 2)
+                    r["new_graphs"] = int(counters["stats"]["unique_graphs"]) - before
+                    r["graphs"] = int(counters["stats"]["unique_graphs"])
+                    r["graph_breaks"] = int(sum(counters["graph_break"].values()))
+                elif v.endswith("_compiled"):
                     torch._dynamo.reset()
-                    from torch._dynamo.utils import counters
-
                     counters.clear()
                     fn = torch.compile(fn, dynamic=False)
                     t0 = time.perf_counter()

@@ -149,9 +149,8 @@ class Mamba2(nn.Module):
             C.unflatten(-1, (c.ngroups, c.d_state)),
         )
         dt, A = discretize(dt, self.dt_bias, self.A_log, c.dt_limit)  # (b, l, h) each
-        Y, final_state = ssd(
-            x * dt[..., None], A, B, C, c.chunk_size, initial_state, c.impl
-        )
+        X = (x * dt[..., None]).to(x.dtype)  # the SSD's products in the model's dtype
+        Y, final_state = ssd(X, A, B, C, c.chunk_size, initial_state, c.impl)
         # + D x, the skip
         Y = torch.addcmul(Y, x, self.D.to(Y.dtype).view(c.nheads, -1))
         return (
@@ -176,9 +175,11 @@ class Mamba2(nn.Module):
             None if cache is None else cache.conv_state,
         )
         c, ys = self.config, []
-        # whole chunks
+        # whole chunks, on a CPU; a GPU or a compiled block: one pass
         segment = max(1, self.cpu_segment // c.chunk_size) * c.chunk_size
-        for part in u.split(segment if u.device.type == "cpu" else max(l, 1), dim=1):
+        if u.device.type != "cpu" or torch.compiler.is_compiling():
+            segment = max(l, 1)
+        for part in u.split(segment, dim=1):
             y, state, conv_state = self.mix(part, state, conv_state)
             ys.append(y)
         if cache is not None:  # a cache holds values, not a graph

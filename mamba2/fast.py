@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked import check_chunk_size, chunk_inputs, pass_states
+from .chunked import (
+    check_chunk_size,
+    chunk_inputs,
+    pass_states,
+    pass_states_matrix,
+)
 from .decays import chunk_cumsum, chunk_decays
 from .quadratic import flush_tiny, per_token, split_heads
 from .scan import check_ssd_inputs
@@ -71,15 +76,15 @@ def diagonal_blocks(
     scores_memory: int = 192 * 2**20,
 ) -> Tensor:
     """Step 1 on `block`-token blocks along the diagonal, about `scores_memory` bytes
-    at a time."""
+    at a time (compiled: all at once)."""
     k, dtype = S.size(-1) // block, torch.promote_types(X.dtype, torch.float32)
     Sb = S.unflatten(-1, (k, block)).movedim(-2, 2)  # (b, c, k, g, r, q)
     Xb, Bb, Cb = (t.unflatten(2, (k, block)) for t in (X, B, C))  # (b, c, k, q, ...)
-    stored = (
-        X.element_size()
-        if torch.compiler.is_compiling()  # compiled: only the scores
-        else dtype.itemsize + X.element_size() * (X.dtype != dtype)
-    )  # eager: decays, scores
+    if torch.compiler.is_compiling():  # a loop over pieces: a graph per length
+        L = chunk_decays(Sb, dtype, floor)
+        return scores_attention(L, Xb, Bb, Cb, overwrite).flatten(2, 3)
+    # eager: decays, scores
+    stored = dtype.itemsize + X.element_size() * (X.dtype != dtype)
     step = max(
         1, scores_memory // max(1, Sb[:, :1].numel() * block * stored)
     )  # chunks at a time
@@ -176,7 +181,8 @@ def ssd_fast(
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
     chunk_size = check_chunk_size(chunk_size, l)
     segment = max(1, cpu_segment // chunk_size) * chunk_size  # whole chunks
-    if X.device.type == "cpu" and l > segment:  # a CPU: a cache-sized piece at a time
+    compiling = torch.compiler.is_compiling()  # then one graph for every length
+    if not compiling and X.device.type == "cpu" and l > segment:  # a cache-sized piece
         ssd = lambda *args: ssd_fast(
             *args, block=block, cpu_segment=cpu_segment, scores_memory=scores_memory
         )
@@ -206,20 +212,25 @@ def ssd_fast(
         else initial_states.to(dtype)
     )
     states = decayed_states(to_end, Xc, B, overwrite)  # step 2
-    entering, final_state = pass_states(
-        states, from_start[..., -1], s0.unflatten(1, (g, -1))
-    )  # 3
+    s0 = s0.unflatten(1, (g, -1))
+    if compiling:  # 3, without a loop over chunks
+        entering, final_state = pass_states_matrix(states, S[..., -1].to(dtype), s0)
+    else:  # 3
+        entering, final_state = pass_states(states, from_start[..., -1], s0)
     C_state = torch.einsum(
         "...lgn,...grpn->...lgrp", C, entering.to(C.dtype)
     )  # 4, undecayed
     del states, entering  # peak memory
-    block = block * (
-        2 if torch.compiler.is_compiling() else 1
-    )  # compiled: fewer, larger blocks
+    block = block * (2 if compiling else 1)  # compiled: fewer, larger blocks
     block = block if chunk_size % block == 0 else chunk_size
     floor = X.device.type == "cpu"  # a GPU: subnormals cost nothing
     Y = diagonal_blocks(S, Xc, B, C, block, overwrite, floor, scores_memory)  # step 1
     Y = torch.addcmul(Y, C_state, per_token(from_start))  # + step 4
     del C_state
     Y = earlier_blocks(Y, S, Xc, B, C, block, overwrite)
-    return Y.flatten(1, 2)[:, :l].flatten(-3, -2).to(X.dtype), final_state.flatten(1, 2)
+    Y = Y.flatten(-3, -2).flatten(1, 2)  # (b, c Q, h, p)
+    if compiling:  # a gather: no strides that depend on l % Q
+        Y = Y.index_select(1, torch.arange(l, device=Y.device))
+    else:
+        Y = Y[:, :l]
+    return Y.to(X.dtype), final_state.flatten(1, 2)

@@ -26,8 +26,8 @@ def causal_conv(
 ) -> tuple[Tensor, Tensor]:
     """Depthwise causal convolution then SiLU of `xBC: (b, l, d)` with `weight: (d, k)`.
 
-    The convolution runs after the inputs in `conv_state: (b, d, k)` (None: zeros);
-    returns its output and the new `conv_state`.
+    The convolution runs after the inputs in `conv_state: (b, d, k)` (None: zeros),
+    in at least float32; returns its output in xBC's dtype and the new `conv_state`.
     """
     (b, l, d), k = xBC.shape, weight.shape[-1]
     dtype = torch.promote_types(xBC.dtype, torch.float32)
@@ -36,7 +36,8 @@ def causal_conv(
         if conv_state is None
         else conv_state.transpose(1, 2).to(dtype)
     )
-    xpad = torch.cat([before, xBC.to(dtype)], dim=1)  # (b, k + l, d)
+    # (b, k + l, d) in `dtype`: the concatenation converts xBC as it copies it
+    xpad = torch.cat([before, xBC], dim=1)
     weight = weight.to(dtype)
     out = (
         xpad[:, k:] * weight[:, -1]
@@ -45,8 +46,8 @@ def causal_conv(
     )
     for i in range(k - 1):  # tap i looks k - 1 - i tokens back
         out.addcmul_(xpad[:, i + 1 : i + 1 + l], weight[:, i])
-    # the last k inputs, for what follows
-    return F.silu(out), xpad[:, -k:].transpose(1, 2).clone()
+    # the output in xBC's dtype, the last k inputs for what follows
+    return F.silu(out).to(xBC.dtype), xpad[:, -k:].transpose(1, 2).clone()
 
 
 # %% ../book/05_block.ipynb #eaaf0581
@@ -91,16 +92,16 @@ class RMSNormGated(nn.Module):
         )
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))
+        dtype, wide = x.dtype, torch.promote_types(x.dtype, torch.float32)
         if z is not None and not self.norm_before_gate:
-            x = x * F.silu(z.to(x.dtype))
+            x = x * F.silu(z.to(wide))  # in `wide`: the product converts x
         groups = x.unflatten(-1, (-1, self.group_size))
-        x = (
-            groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)
-        ).flatten(-2) * self.weight.to(x.dtype)
+        # mean(x^2) of a group from its norm: one read, nothing written
+        norm = torch.linalg.vector_norm(groups, dim=-1, keepdim=True, dtype=wide)
+        inv_rms = torch.rsqrt(norm.square() / self.group_size + self.eps)
+        x = (groups * inv_rms).flatten(-2) * self.weight.to(wide)
         if z is not None and self.norm_before_gate:
-            x = x * F.silu(z.to(x.dtype))
+            x = x * F.silu(z.to(wide))
         return x.to(dtype)
 
 
