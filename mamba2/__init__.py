@@ -28,3 +28,4 @@ from .graphs import *  # noqa: F401,F403
 from .cli import *  # noqa: F401,F403
 from .fast import *  # noqa: F401,F403
 from .decays import *  # noqa: F401,F403
+# .triton_ssd needs Triton: import it by name (ssd's impl reaches it)

@@ -62,6 +62,10 @@ def only_module(cells, module, default):
     return out
 
 
+# modules that need an optional package: the package imports without them
+OPTIONAL = {"triton_ssd": "Triton"}
+
+
 def init_source(modules):
     lines = [
         '"""mamba2: Mamba-2 and the SSD algorithm in pure PyTorch, exported from the book\'s chapters.',
@@ -76,7 +80,12 @@ def init_source(modules):
         '    __version__ = "unknown"',
         "",
     ]
-    lines += [f"from .{m} import *  # noqa: F401,F403" for m in modules]
+    lines += [
+        f"from .{m} import *  # noqa: F401,F403"
+        if m not in OPTIONAL
+        else f"# .{m} needs {OPTIONAL[m]}: import it by name (ssd's impl reaches it)"
+        for m in modules
+    ]
     lines.insert(
         0, "# isort: skip_file"
     )  # the modules in chapter order, as the book builds them
