@@ -4,8 +4,11 @@
 __all__ = ["check_block_input", "check_cache", "Mamba2"]
 
 # %% ../book/05_block.ipynb #7e053670
+from functools import partial
+
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import Mamba2Config
 from .layers import RMSNormGated, causal_conv, discretize, init_dt_bias
@@ -124,6 +127,8 @@ class Mamba2(nn.Module):
         )
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias, **kw)
         self.cpu_segment = 512  # tokens per segment on a CPU (below)
+        # training: keep only each segment's inputs, recompute the rest in the backward
+        self.recompute = False
 
     def mix(
         self,
@@ -179,8 +184,11 @@ class Mamba2(nn.Module):
         segment = max(1, self.cpu_segment // c.chunk_size) * c.chunk_size
         if u.device.type != "cpu" or torch.compiler.is_compiling():
             segment = max(l, 1)
+        mix = self.mix
+        if self.recompute and torch.is_grad_enabled():
+            mix = partial(checkpoint, self.mix, use_reentrant=False)
         for part in u.split(segment, dim=1):
-            y, state, conv_state = self.mix(part, state, conv_state)
+            y, state, conv_state = mix(part, state, conv_state)
             ys.append(y)
         if cache is not None:  # a cache holds values, not a graph
             cache.conv_state.copy_(conv_state.detach())
