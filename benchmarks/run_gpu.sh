@@ -10,7 +10,7 @@
 # forward, decoding, step); logs and plots beside them. mamba2 is imported from this checkout (PYTHONPATH).
 set -uo pipefail
 OUT=${1:-benchmarks/results}
-PARTS=${PARTS:-ssd,model,passes}    # which parts to run (comma-separated): all three by default
+PARTS=${PARTS:-ssd,model,passes,kernels,profile,decode}    # which parts to run (comma-separated): all by default
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 REPO=$(pwd)
@@ -35,7 +35,7 @@ A=8x4k
 VARIANTS=${VARIANTS:-"kernel,hf@$A,minimal,ssd,ssd_compiled,ssd_chunked@$A"}
 if [[ ",$PARTS," == *",ssd,"* ]]; then
   PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" --shapes 8x4k,8x1k,2x16k,1x64k \
-    --variants "$VARIANTS" --profile "${PROFILE:-ssd}" 2>&1 | tee "$OUT/ssd_gpu.log"
+    --variants "$VARIANTS" --profile "${PROFILE:-ssd}" --dynamic 2>&1 | tee "$OUT/ssd_gpu.log"
 fi
 # 2. the cost of each elementwise pass eager ssd_fast needs, at (8, 4k), beside the kernel (chapter 8's floor for eager)
 if [[ ",$PARTS," == *",passes,"* ]]; then
@@ -46,10 +46,19 @@ if [[ ",$PARTS," == *",model,"* ]]; then
   PYTHONPATH="$REPO" python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --compile --out "$OUT/model_gpu.json" \
     --impls "${IMPLS:-auto}" 2>&1 | tee "$OUT/model_gpu.log"
 fi
-# 4. decoding (not in the default PARTS; PARTS=decode): ours, plain and replayed from a CUDA graph, beside mamba_ssm's
+# 4. decoding (PARTS=decode): ours, plain and replayed from a CUDA graph, beside mamba_ssm's
 #    generate with cg=False and cg=True, the same weights in both, batch 1 and 16
 if [[ ",$PARTS," == *",decode,"* ]]; then
   PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_decode_gpu.py --out "$OUT/decode_gpu.json" 2>&1 | tee "$OUT/decode_gpu.log"
+fi
+# 5. chapter 9's Triton kernels beside mamba_ssm's (PARTS=kernels): forward at every shape, forward + backward at
+#    (8, 4k), each kernel's time and a sweep of tile sizes
+if [[ ",$PARTS," == *",kernels,"* ]]; then
+  PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_kernels_gpu.py --out "$OUT/kernels_gpu.json" --sweep 2>&1 | tee "$OUT/kernels_gpu.log"
+fi
+# 6. where the eager block's time goes (PARTS=profile): kernels by GPU time, launches and bytes per forward
+if [[ ",$PARTS," == *",profile,"* ]]; then
+  PYTHONPATH="$REPO" python3 benchmarks/profile_block_gpu.py --out "$OUT/profile_block_gpu.json" 2>&1 | tee "$OUT/profile_block_gpu.log"
 fi
 rm -rf "$MS"
 python3 benchmarks/plot.py "$OUT" 2>&1 | tail -3 || true

@@ -12,19 +12,27 @@ __all__ = [
     "chunk_outputs_kernel",
     "chunk_outputs",
     "ssd_forward",
+    "backward_in_time",
+    "shifted_back",
+    "heads_summed",
+    "last_dot",
+    "ssd_backward",
     "SSDKernels",
     "ssd_triton",
 ]
 
 # %% ../book/09_kernels.ipynb #681db871
 import os
+import sys
 
 import torch
 from torch import Tensor
 
-if not torch.cuda.is_available():  # no GPU: Triton's interpreter runs the kernels
+# no GPU: Triton's interpreter runs the kernels. Triton reads the switch when it is first
+# imported, so it is set only if nothing has imported Triton yet (else ssd_triton says so)
+if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it on import
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -37,17 +45,19 @@ from .scan import check_ssd_inputs  # noqa: E402
 # fmt: off
 @triton.jit
 def chunk_states_kernel(
-    X, A, B, states, cums, totals,  # pointers
+    X, A, B, dt, states, cums, totals,  # pointers (dt: a multiplier of X, or unused)
     l, h, r, p, n, Q, n_chunks, lo_at,  # sizes (r heads share a group's B)
     sx_b, sx_l, sx_h, sx_p, sa_b, sa_l, sa_h, sb_b, sb_l, sb_g, sb_n,  # strides
+    sd_b, sd_l, sd_h,
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
 ):
     "Step 2 for one chunk `c` of one head `hh`, rows `offs_p` of its state."
     pid, pid_p = tl.program_id(0), tl.program_id(1)
     bi, c, hh = pid // (n_chunks * h), (pid // h) % n_chunks, pid % h
     X += bi * sx_b + c * Q * sx_l + hh * sx_h
     A += bi * sa_b + c * Q * sa_l + hh * sa_h
+    dt += bi * sd_b + c * Q * sd_l + hh * sd_h
     B += bi * sb_b + c * Q * sb_l + (hh // r) * sb_g
     cums += (bi * h + hh) * n_chunks * Q + c * Q  # the running sums' high parts
     rows = tl.minimum(Q, l - c * Q)  # tokens in this chunk
@@ -77,6 +87,8 @@ def chunk_states_kernel(
         a = tl.load(A + offs_s * sa_l, mask=ok, other=0.0).to(tl.float64)
         to_end = tl.where(ok, tl.exp((run - tl.cumsum(a, 0)).to(ACC)), 0.0)
         run -= tl.sum(a, 0)
+        if HAS_DT:  # X = x dt, discretised here in float32
+            to_end *= tl.load(dt + offs_s * sd_l, mask=ok, other=0.0).to(ACC)
         x = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
                     mask=ok[:, None] & (offs_p[None, :] < p), other=0.0)
         Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
@@ -112,27 +124,34 @@ def tile(size: int, most: int = 64) -> int:
 
 # %% ../book/09_kernels.ipynb #62988db1
 def chunk_states(
-    X: Tensor, A: Tensor, B: Tensor, Q: int, block: int = 64, warps: int = 4
+    X: Tensor,
+    A: Tensor,
+    B: Tensor,
+    Q: int,
+    dt: Tensor | None = None,
+    block: int = 64,
+    warps: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Kernel 1 on `X: (b, l, h, p)`, `A: (b, l, h)`, `B: (b, l, g, n)`, chunks of `Q`.
+    """Kernel 1 on `X: (b, l, h, p)`, `A: (b, l, h)`, `B: (b, l, g, n)`, chunks of `Q`
+    (with `dt: (b, l, h)`, the inputs are `X dt`).
 
     Returns each chunk's state from a zero start `(b, c, h, p, n)`, the running sums of
     `A` within each chunk as pairs hi + lo `(2, b, h, c * Q)` and each chunk's total
     `(b, h, c)`."""
     (b, l, h, p), (g, n) = X.shape, B.shape[2:]
-    c = max(1, -(-l // Q))
-    acc = torch.promote_types(X.dtype, torch.float32)
+    c, acc = max(1, -(-l // Q)), torch.promote_types(X.dtype, torch.float32)
     states = X.new_empty(b, c, h, p, n, dtype=acc)
     sums, totals = (
         A.new_empty(2, b, h, c * Q, dtype=acc),
         A.new_empty(b, h, c, dtype=acc),
     )
+    d = A if dt is None else dt  # a placeholder without dt
     BLOCK_P = tile(p)
     chunk_states_kernel[(b * c * h, triton.cdiv(p, BLOCK_P))](
-        X, A, B, states, sums, totals, l, h, h // g, p, n, Q, c, sums[1].numel(),
-        *X.stride(), *A.stride(), *B.stride(),
+        X, A, B, d, states, sums, totals, l, h, h // g, p, n, Q, c, sums[1].numel(),
+        *X.stride(), *A.stride(), *B.stride(), *d.stride(),
         BLOCK_S=tile(Q, block), BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
-        num_warps=warps, **dot_types(X.dtype),
+        HAS_DT=dt is not None, num_warps=warps, **dot_types(X.dtype),
     )  # fmt: skip
     return states, sums, totals
 
@@ -141,7 +160,7 @@ def chunk_states(
 # fmt: off
 @triton.jit
 def pass_states_kernel(
-    states, totals, initial, final, h, pn, n_chunks,
+    states, totals, initial, entering, final, h, pn, n_chunks,
     HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     "Step 3 for one head of one sequence, `BLOCK` of its `p * n` state entries."
@@ -151,42 +170,52 @@ def pass_states_kernel(
     S = tl.zeros((BLOCK,), ACC)
     if HAS_INITIAL:
         S += tl.load(initial + pid * pn + offs, mask=ok, other=0.0).to(ACC)
+    at = ((pid // h * n_chunks) * h + pid % h) * pn + offs  # chunk 0 of this head
+    new = tl.load(states + at, mask=ok, other=0.0)
     for c in range(n_chunks):  # the state stays in registers from chunk to chunk
-        at = states + ((pid // h * n_chunks + c) * h + pid % h) * pn + offs
-        new = tl.load(at, mask=ok, other=0.0)
-        tl.store(at, S, mask=ok)  # the state entering chunk c, in place
-        S = tl.exp(tl.load(totals + pid * n_chunks + c)) * S + new
+        decay = tl.exp(tl.load(totals + pid * n_chunks + c))
+        more = tl.minimum(n_chunks - 1 - c, 1)  # 1 while a chunk follows, else 0
+        ahead = tl.load(states + at + h * pn, mask=offs < pn * more, other=0.0)
+        tl.store(entering + at, S.to(entering.dtype.element_ty), mask=ok)
+        S = decay * S + new
+        new, at = ahead, at + h * pn  # the next chunk's state, loaded a step early
     tl.store(final + pid * pn + offs, S, mask=ok)
 # fmt: on
 
 
 def pass_states(
-    states: Tensor, totals: Tensor, initial_states: Tensor | None, block: int = 256
-) -> Tensor:
-    """Kernel 2: overwrite `states: (b, c, h, p, n)` with the state entering each chunk;
-    return the final state `(b, h, p, n)`."""
+    states: Tensor,
+    totals: Tensor,
+    initial_states: Tensor | None,
+    dtype: torch.dtype | None = None,
+    block: int = 256,
+    warps: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """Kernel 2: the state entering each chunk, `(b, c, h, p, n)` in `dtype` (default:
+    the states'), and the final state `(b, h, p, n)` in the states' type."""
     b, c, h, p, n = states.shape
+    entering = states.new_empty(states.shape, dtype=dtype or states.dtype)
     final = states.new_empty(b, h, p, n)
     s0 = final if initial_states is None else initial_states.contiguous()
     pass_states_kernel[(b * h, triton.cdiv(p * n, block))](
-        states, totals, s0, final, h, p * n, c,
+        states, totals, s0, entering, final, h, p * n, c,
         HAS_INITIAL=initial_states is not None, BLOCK=block,
-        ACC=dot_types(states.dtype)["ACC"],
+        ACC=dot_types(states.dtype)["ACC"], num_warps=warps,
     )  # fmt: skip
-    return final
+    return entering, final
 
 
 # %% ../book/09_kernels.ipynb #67632aed
 # fmt: off
 @triton.jit
 def chunk_outputs_kernel(
-    X, B, C, Y, states, cums,  # pointers
+    X, B, C, dt, Y, states, cums,  # pointers
     l, h, r, p, n, Q, n_chunks, lo_at,  # sizes
     sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
-    sy_b, sy_l, sy_h, sy_p,  # strides
+    sy_b, sy_l, sy_h, sy_p, sd_b, sd_l, sd_h,  # strides
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
 ):
     "Steps 4 and 1 for rows `offs_l` of one chunk `c` of one head, a tile of `p`."
     pid, pid_l, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -195,6 +224,7 @@ def chunk_outputs_kernel(
     B += bi * sb_b + c * Q * sb_l + (hh // r) * sb_g
     C += bi * sc_b + c * Q * sc_l + (hh // r) * sc_g
     Y += bi * sy_b + c * Q * sy_l + hh * sy_h
+    dt += bi * sd_b + c * Q * sd_l + hh * sd_h
     cums += (bi * h + hh) * n_chunks * Q + c * Q
     states += ((bi * n_chunks + c) * h + hh) * p * n
     rows = tl.minimum(Q, l - c * Q)
@@ -224,6 +254,8 @@ def chunk_outputs_kernel(
         keep = (offs_l[:, None] >= offs_s[None, :]) & ok_l[:, None] & ok_s[None, :]
         sums = (hi_l[:, None] - hi_s[None, :]) + (lo_l[:, None] - lo_s[None, :])
         M = CB * tl.exp(tl.where(keep, sums, -float("inf")))  # L, in registers
+        if HAS_DT:
+            M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
         Xs = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=ok_s[:, None] & ok_p[None, :], other=0.0)
         acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
@@ -241,62 +273,122 @@ def chunk_outputs(
     entering: Tensor,
     sums: Tensor,
     Q: int,
+    dt: Tensor | None = None,
     block: int = 64,
     warps: int = 4,
-    stages: int = 2,
+    stages: int = 1,
 ) -> Tensor:
     "Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each chunk."
     (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
     Y = torch.empty_like(X)
+    d = sums[0] if dt is None else dt  # a placeholder without dt
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
     chunk_outputs_kernel[(b * c * h, triton.cdiv(Q, BLOCK_L), triton.cdiv(p, BLOCK_P))](
-        X, B, C, Y, entering, sums, l, h, h // g, p, n, Q, c, sums[1].numel(),
-        *X.stride(), *B.stride(), *C.stride(), *Y.stride(),
+        X, B, C, d, Y, entering, sums, l, h, h // g, p, n, Q, c, sums[1].numel(),
+        *X.stride(), *B.stride(), *C.stride(), *Y.stride(), *d.stride(),
         BLOCK_L=BLOCK_L, BLOCK_S=BLOCK_L, BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
-        num_warps=warps, num_stages=stages, **dot_types(X.dtype),
+        HAS_DT=dt is not None, num_warps=warps, num_stages=stages,
+        **dot_types(X.dtype),
     )  # fmt: skip
     return Y
 
 
 # %% ../book/09_kernels.ipynb #0e7be9a4
 def ssd_forward(
-    X: Tensor, A: Tensor, B: Tensor, C: Tensor, Q: int, initial_states: Tensor | None
+    X: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    Q: int,
+    initial_states: Tensor | None,
+    dt: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     "The three kernels in order: `Y` and the final state."
-    states, sums, totals = chunk_states(X, A, B, Q)
-    final = pass_states(states, totals, initial_states)  # now the entering states
-    return chunk_outputs(X, B, C, states, sums, Q), final
+    states, sums, totals = chunk_states(X, A, B, Q, dt)
+    # kernel 3 rounds the entering states to X's type for its product: store them so
+    entering, final = pass_states(states, totals, initial_states, X.dtype)
+    del states  # freed before Y is allocated
+    return chunk_outputs(X, B, C, entering, sums, Q, dt), final
 
 
 # %% ../book/09_kernels.ipynb #68e88e95
-class SSDKernels(torch.autograd.Function):
-    """The kernels forward, keeping only the inputs for backward; backward recomputes
-    the forward with `ssd_fast` (PyTorch) and differentiates that."""
+def backward_in_time(t: Tensor) -> Tensor:
+    "`t: (b, l, ...)` with its tokens in reverse order."
+    return t.flip(1)
 
-    @staticmethod
-    def forward(ctx, X, A, B, C, Q, initial_states):
-        ctx.save_for_backward(X, A, B, C, initial_states)
-        ctx.Q = Q
-        return ssd_forward(X, A, B, C, Q, initial_states)
 
-    @staticmethod
-    def backward(ctx, dY, dfinal):
-        saved = [t if t is None else t.detach() for t in ctx.saved_tensors]
-        wants = [i for i, need in enumerate(ctx.needs_input_grad) if need]
-        inputs = [saved[i if i < 4 else 4] for i in wants]
-        with torch.enable_grad():
-            for t in inputs:
-                t.requires_grad_()
-            X, A, B, C, s0 = saved
-            Y, final = ssd_fast(X, A, B, C, ctx.Q, s0)
-            grads = torch.autograd.grad((Y, final), inputs, (dY, dfinal))
-        out = [None] * 6
-        for i, grad in zip(wants, grads):
-            out[i] = grad
-        return tuple(out)
+def shifted_back(A: Tensor) -> Tensor:
+    "The log-decays of the reversed sequence: `A'_i = A_{l-i}`, and `A'_0 = 0`."
+    return torch.cat([torch.zeros_like(A[:, :1]), backward_in_time(A)[:, :-1]], 1)
+
+
+def heads_summed(Z: Tensor, g: int) -> Tensor:
+    "`(b, l, h, n)` summed over the heads of each of `g` groups, in float32 or wider."
+    b, l, h, n = Z.shape
+    return Z.view(b, l, g, h // g, n).sum(
+        3, dtype=torch.promote_types(Z.dtype, torch.float32)
+    )
+
+
+def last_dot(a: Tensor, b: Tensor) -> Tensor:
+    "The dot products over the last axis, accumulated in float32 or wider."
+    wide = torch.promote_types(a.dtype, torch.float32)
+    return torch.einsum("...p,...p->...", a.to(wide), b.to(wide))
 
 
 # %% ../book/09_kernels.ipynb #fcfb55a8
+def ssd_backward(X, A, B, C, Q, s0, dt, Y, final, dY, dfinal) -> tuple:
+    "The gradients of `ssd_forward`'s inputs: three more runs of the same kernels."
+    g, rev, A_rev = B.shape[2], backward_in_time, shifted_back(A)
+    ddt = None
+    # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B and C swapped
+    dXe, ds0 = ssd_forward(rev(dY), A_rev, rev(C), rev(B), Q, dfinal)
+    dXe = rev(dXe)
+    ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
+    # dC_t = sum_s decay (dY_t . X_s) B_s: an SSD in which B_s is the input, X_s the key
+    r = dY.shape[2] // g
+    B_heads, C_heads = (t.repeat_interleave(r, 2) for t in (B, C))
+    s0_t = None if s0 is None else s0.transpose(-1, -2)
+    Z, _ = ssd_forward(B_heads, A, X, dY, Q, s0_t, dt)
+    dC = heads_summed(Z, g)
+    # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: the same, backward in time
+    Z, _ = ssd_forward(
+        rev(C_heads), A_rev, rev(dY), rev(X), Q, dfinal.transpose(-1, -2)
+    )
+    Z = rev(Z) if dt is None else rev(Z) * dt[..., None]
+    dB = heads_summed(Z, g)
+    # dA: each log-decay scales every path through it
+    Xe_dXe = last_dot(X, dXe) if dt is None else last_dot(X, dXe) * dt
+    d_sums = last_dot(dY, Y) - Xe_dXe  # (b, l, h)
+    d_sums[:, -1] += (dfinal * final).sum((-1, -2))
+    dA = backward_in_time(backward_in_time(d_sums).cumsum(1))
+    if dt is not None:
+        ddt, dXe = last_dot(X, dXe), dXe * dt[..., None]
+    return dXe, dA, dB, dC, ds0, ddt
+
+
+# %% ../book/09_kernels.ipynb #3a3a608e
+class SSDKernels(torch.autograd.Function):
+    "The kernels forward and backward; keeps the inputs and the outputs, nothing more."
+
+    @staticmethod
+    def forward(ctx, X, A, B, C, Q, initial_states, dt):
+        Y, final = ssd_forward(X, A, B, C, Q, initial_states, dt)
+        ctx.save_for_backward(X, A, B, C, initial_states, dt, Y, final)
+        ctx.Q = Q
+        return Y, final
+
+    @staticmethod
+    def backward(ctx, dY, dfinal):
+        X, A, B, C, s0, dt, Y, final = ctx.saved_tensors
+        grads = ssd_backward(X, A, B, C, ctx.Q, s0, dt, Y, final, dY, dfinal)
+        dX, dA, dB, dC, ds0, ddt = grads
+        like = lambda grad, t: None if t is None else grad.to(t.dtype)
+        return (dX.to(X.dtype), dA, like(dB, B), like(dC, C), None, like(ds0, s0),
+                like(ddt, dt))  # fmt: skip
+
+
+# %% ../book/09_kernels.ipynb #08109e69
 @torch.compiler.disable  # torch.compile runs around the kernels, not into them
 def ssd_triton(
     X: Tensor,
@@ -305,18 +397,28 @@ def ssd_triton(
     C: Tensor,
     chunk_size: int,
     initial_states: Tensor | None = None,
+    dt: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    "SSD by this chapter's three kernels, with the contract of `ssd_chunked`."
+    """SSD by this chapter's kernels, with the contract of `ssd_chunked`. Given `dt:
+    (b, l, h)`, the inputs are `X dt`, multiplied in the kernels in float32."""
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
     Q = check_chunk_size(chunk_size, l)
+    if dt is not None and not (isinstance(dt, Tensor) and dt.is_floating_point()):
+        raise TypeError(f"dt must be None or a floating-point tensor, got {dt!r}")
+    if dt is not None and (dt.shape != (b, l, h) or dt.device != X.device):
+        raise ValueError(
+            f"dt must have shape (b, l, h) = {(b, l, h)} on {X.device}, "
+            f"got {tuple(dt.shape)} on {dt.device}"
+        )
     if X.is_cuda == INTERPRETED:
         raise ValueError(
             f"ssd_triton runs CUDA tensors, or CPU tensors under Triton's interpreter "
             f"(TRITON_INTERPRET=1 before Triton is first imported); got {X.device} "
             f"tensors with the interpreter {'on' if INTERPRETED else 'off'}"
         )
-    if 0 in (b, h, p, n):  # no work for a kernel: the tuned path's empty result
+    if 0 in (b, l, h, p, n):  # no work for a kernel: the tuned path's empty result
+        X = X if dt is None else X * dt[..., None].to(X.dtype)
         return ssd_fast(X, A, B, C, Q, initial_states)
     acc = torch.promote_types(X.dtype, torch.float32)  # decays and states
     s0 = None if initial_states is None else initial_states.to(acc)
-    return SSDKernels.apply(X, A.to(acc), B, C, Q, s0)
+    return SSDKernels.apply(X, A.to(acc), B, C, Q, s0, dt)
