@@ -274,13 +274,15 @@ def chunk_outputs(
     sums: Tensor,
     Q: int,
     dt: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     block: int = 64,
     warps: int = 4,
-    stages: int = 1,
+    stages: int = 2,
 ) -> Tensor:
-    "Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each chunk."
+    """Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each chunk, in
+    `out_dtype` (default: `X`'s)."""
     (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
-    Y = torch.empty_like(X)
+    Y = torch.empty_like(X, dtype=out_dtype or X.dtype)
     d = sums[0] if dt is None else dt  # a placeholder without dt
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
     chunk_outputs_kernel[(b * c * h, triton.cdiv(Q, BLOCK_L), triton.cdiv(p, BLOCK_P))](
@@ -302,13 +304,14 @@ def ssd_forward(
     Q: int,
     initial_states: Tensor | None,
     dt: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    "The three kernels in order: `Y` and the final state."
+    "The three kernels in order: `Y` (in `out_dtype`, default `X`'s) and the final state."
     states, sums, totals = chunk_states(X, A, B, Q, dt)
     # kernel 3 rounds the entering states to X's type for its product: store them so
     entering, final = pass_states(states, totals, initial_states, X.dtype)
     del states  # freed before Y is allocated
-    return chunk_outputs(X, B, C, entering, sums, Q, dt), final
+    return chunk_outputs(X, B, C, entering, sums, Q, dt, out_dtype), final
 
 
 # %% ../book/09_kernels.ipynb #68e88e95
@@ -337,51 +340,51 @@ def last_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 # %% ../book/09_kernels.ipynb #fcfb55a8
-def ssd_backward(X, A, B, C, Q, s0, dt, Y, final, dY, dfinal) -> tuple:
-    "The gradients of `ssd_forward`'s inputs: three more runs of the same kernels."
+def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
+    """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels, their
+    outputs in float32 or wider."""
     g, rev, A_rev = B.shape[2], backward_in_time, shifted_back(A)
-    ddt = None
+    wide = torch.promote_types(X.dtype, torch.float32)
     # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B and C swapped
-    dXe, ds0 = ssd_forward(rev(dY), A_rev, rev(C), rev(B), Q, dfinal)
+    dXe, ds0 = ssd_forward(rev(dY), A_rev, rev(C), rev(B), Q, dfinal, None, wide)
     dXe = rev(dXe)
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
     # dC_t = sum_s decay (dY_t . X_s) B_s: an SSD in which B_s is the input, X_s the key
     r = dY.shape[2] // g
     B_heads, C_heads = (t.repeat_interleave(r, 2) for t in (B, C))
     s0_t = None if s0 is None else s0.transpose(-1, -2)
-    Z, _ = ssd_forward(B_heads, A, X, dY, Q, s0_t, dt)
-    dC = heads_summed(Z, g)
+    dC = heads_summed(ssd_forward(B_heads, A, X, dY, Q, s0_t, dt, wide)[0], g)
     # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: the same, backward in time
-    Z, _ = ssd_forward(
-        rev(C_heads), A_rev, rev(dY), rev(X), Q, dfinal.transpose(-1, -2)
+    dfinal_t = dfinal.transpose(-1, -2)
+    Z = rev(
+        ssd_forward(rev(C_heads), A_rev, rev(dY), rev(X), Q, dfinal_t, None, wide)[0]
     )
-    Z = rev(Z) if dt is None else rev(Z) * dt[..., None]
-    dB = heads_summed(Z, g)
-    # dA: each log-decay scales every path through it
+    dB = heads_summed(Z if dt is None else Z * dt[..., None], g)
+    # dA: each log-decay scales every path through it; Y again, in float32
+    Y, final = ssd_forward(X, A, B, C, Q, s0, dt, wide)
     Xe_dXe = last_dot(X, dXe) if dt is None else last_dot(X, dXe) * dt
     d_sums = last_dot(dY, Y) - Xe_dXe  # (b, l, h)
     d_sums[:, -1] += (dfinal * final).sum((-1, -2))
     dA = backward_in_time(backward_in_time(d_sums).cumsum(1))
-    if dt is not None:
-        ddt, dXe = last_dot(X, dXe), dXe * dt[..., None]
-    return dXe, dA, dB, dC, ds0, ddt
+    if dt is None:
+        return dXe, dA, dB, dC, ds0, None
+    return dXe * dt[..., None], dA, dB, dC, ds0, last_dot(X, dXe)
 
 
 # %% ../book/09_kernels.ipynb #3a3a608e
 class SSDKernels(torch.autograd.Function):
-    "The kernels forward and backward; keeps the inputs and the outputs, nothing more."
+    "The kernels forward and backward; keeps only the inputs for the backward pass."
 
     @staticmethod
     def forward(ctx, X, A, B, C, Q, initial_states, dt):
-        Y, final = ssd_forward(X, A, B, C, Q, initial_states, dt)
-        ctx.save_for_backward(X, A, B, C, initial_states, dt, Y, final)
+        ctx.save_for_backward(X, A, B, C, initial_states, dt)
         ctx.Q = Q
-        return Y, final
+        return ssd_forward(X, A, B, C, Q, initial_states, dt)
 
     @staticmethod
     def backward(ctx, dY, dfinal):
-        X, A, B, C, s0, dt, Y, final = ctx.saved_tensors
-        grads = ssd_backward(X, A, B, C, ctx.Q, s0, dt, Y, final, dY, dfinal)
+        X, A, B, C, s0, dt = ctx.saved_tensors
+        grads = ssd_backward(X, A, B, C, ctx.Q, s0, dt, dY, dfinal)
         dX, dA, dB, dC, ds0, ddt = grads
         like = lambda grad, t: None if t is None else grad.to(t.dtype)
         return (dX.to(X.dtype), dA, like(dB, B), like(dC, C), None, like(ds0, s0),
