@@ -28,8 +28,9 @@ import sys
 import torch
 from torch import Tensor
 
-# no GPU: Triton's interpreter runs the kernels. Triton reads the switch when it is first
-# imported, so it is set only if nothing has imported Triton yet (else ssd_triton says so)
+# no GPU: Triton's interpreter runs the kernels. Triton reads the switch when it is
+# first imported, so it is set only if nothing imported Triton before (else ssd_triton
+# says so)
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,8 +64,8 @@ def chunk_states_kernel(
     rows = tl.minimum(Q, l - c * Q)  # tokens in this chunk
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    # A_0 + ... + A_s within the chunk, for kernel 3, and the chunk's total, summed in
-    # float64 and kept as float32 pairs hi + lo: differences of two sums keep their digits
+    # A_0 + ... + A_s within the chunk, for kernel 3, and the chunk's total, summed
+    # in float64 and kept as float32 pairs hi + lo: differences keep their digits
     total = tl.zeros((), tl.float64)
     for s0 in range(0, rows, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -279,8 +280,8 @@ def chunk_outputs(
     warps: int = 4,
     stages: int = 2,
 ) -> Tensor:
-    """Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each chunk, in
-    `out_dtype` (default: `X`'s)."""
+    """Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each
+    chunk, in `out_dtype` (default: `X`'s)."""
     (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
     Y = torch.empty_like(X, dtype=out_dtype or X.dtype)
     d = sums[0] if dt is None else dt  # a placeholder without dt
@@ -306,7 +307,7 @@ def ssd_forward(
     dt: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    "The three kernels in order: `Y` (in `out_dtype`, default `X`'s) and the final state."
+    "The three kernels in order: `Y` (in `out_dtype`, default `X`'s), the final state."
     states, sums, totals = chunk_states(X, A, B, Q, dt)
     # kernel 3 rounds the entering states to X's type for its product: store them so
     entering, final = pass_states(states, totals, initial_states, X.dtype)
@@ -341,11 +342,11 @@ def last_dot(a: Tensor, b: Tensor) -> Tensor:
 
 # %% ../book/09_kernels.ipynb #fcfb55a8
 def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
-    """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels, their
-    outputs in float32 or wider."""
+    """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels,
+    their outputs in float32 or wider."""
     g, rev, A_rev = B.shape[2], backward_in_time, shifted_back(A)
     wide = torch.promote_types(X.dtype, torch.float32)
-    # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B and C swapped
+    # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B, C swapped
     dXe, ds0 = ssd_forward(rev(dY), A_rev, rev(C), rev(B), Q, dfinal, None, wide)
     dXe = rev(dXe)
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more

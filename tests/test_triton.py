@@ -1,0 +1,74 @@
+"""Chapter 9's kernels behind the front door: what the SSD contract tests (tests/test_chunked.py, run
+for every implementation) do not cover. Without a GPU the kernels run in Triton's interpreter."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from oracle import naive_ssd
+
+from mamba2 import IMPLEMENTATIONS, ssd
+from mamba2.scan import random_ssd_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in IMPLEMENTATIONS, reason="needs Triton (Linux)"
+)
+
+
+def test_the_package_imports_and_runs_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # as if it were not installed
+        "import torch, mamba2\n"
+        "assert 'triton' not in mamba2.IMPLEMENTATIONS\n"
+        "X, A, B, C, s0 = mamba2.random_ssd_inputs(l=9)\n"
+        "print(mamba2.ssd(X, A, B, C, 4)[0].shape)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([2, 9, 4, 8])" in out.stdout
+
+
+def test_dt_folded_in_is_x_times_dt():
+    "dt given: the kernels multiply it in, in float32; the oracle gets x dt in float64."
+    from mamba2.triton_ssd import ssd_triton
+
+    X, A, B, C, s0 = random_ssd_inputs(l=30, initial_states=True)
+    dt = torch.rand(X.shape[:3], dtype=X.dtype)
+    Y, s = ssd_triton(X, A, B, C, 8, s0, dt=dt)
+    Y_ref, s_ref = naive_ssd(X * dt[..., None], A, B, C, s0)
+    assert rel_err(Y, Y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "dt, error, match",
+    [
+        ("0.5", TypeError, "dt must be None or a floating-point tensor"),
+        (torch.ones(2, 9, 4, dtype=torch.long), TypeError, "floating-point"),
+        (torch.ones(2, 9, 3), ValueError, r"dt must have shape \(b, l, h\)"),
+    ],
+)
+def test_bad_dt(dt, error, match):
+    from mamba2.triton_ssd import ssd_triton
+
+    X, A, B, C, _ = random_ssd_inputs(l=9)
+    with pytest.raises(error, match=match):
+        ssd_triton(X, A, B, C, 4, dt=dt)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_under_torch_compile_the_front_door_runs_ssd_fast(impl, monkeypatch):
+    "Inside a compiled block the kernels gave wrong results on a GPU (chapter 9)."
+    calls = []
+    fast = IMPLEMENTATIONS["fast"]
+    spy = lambda *args: calls.append("fast") or fast(*args)
+    monkeypatch.setitem(IMPLEMENTATIONS, "fast", spy)
+    X, A, B, C, s0 = random_ssd_inputs(l=20, initial_states=True)
+    Y_ref, _ = naive_ssd(X, A, B, C, s0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: ssd(*t, 8, s0, impl)[0], backend="eager")
+    assert rel_err(compiled(X, A, B, C), Y_ref) < 1e-12
+    assert calls == ["fast"]  # traced once, through ssd_fast
+    torch._dynamo.reset()
