@@ -72,16 +72,11 @@ def pass_states_matrix(
 
 # %% ../book/04_chunked.ipynb #59313467
 def check_chunk_size(chunk_size: int, l: int) -> int:
-    """A positive integer `chunk_size`, cut to the length `l` (at least 1); else raise.
-
-    Under torch.compile it is not cut: one graph serves every length.
-    """
+    "A positive integer `chunk_size`, cut to the length `l` (at least 1); else raise."
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if torch.compiler.is_compiling():
-        return chunk_size
     return min(chunk_size, max(l, 1))  # never longer than the sequence
 
 
@@ -110,15 +105,8 @@ def ssd_chunked(
     states = states_from_inputs(L[..., -1, :], Xc, Bc)
     # 3. the state entering each chunk: (b, c, g, r, p, n), and the final state
     decay = decay_from_start(L, Ac)  # exp(A_0 + ... + A_t): (b, c, g, r, Q)
-    if torch.compiler.is_compiling():  # no loop: one graph for every length
-        entering, final_state = pass_states_matrix(states, Ac.sum(-1), s0)
-    else:
-        entering, final_state = pass_states(states, decay[..., -1], s0)
+    entering, final_state = pass_states(states, decay[..., -1], s0)
     # 4. what each token reads from the state entering its chunk: (b, c, Q, g, r, p)
     Y_off = outputs_from_state(Cc, entering, decay)
-    Y = rearrange(Y_diag + Y_off, "b c q g r p -> b (c q) (g r) p")
-    if torch.compiler.is_compiling():  # a gather: no strides that depend on l % Q
-        Y = Y.index_select(1, torch.arange(l, device=Y.device))
-    else:
-        Y = Y[:, :l]
+    Y = rearrange(Y_diag + Y_off, "b c q g r p -> b (c q) (g r) p")[:, :l]
     return Y.to(X.dtype), rearrange(final_state, "b g r p n -> b (g r) p n")

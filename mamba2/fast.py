@@ -179,9 +179,10 @@ def ssd_fast(
     Blocks in chunks, bounded memory, CPU segments, hi/lo sums.
     """
     b, l, h, p, g, n = check_ssd_inputs(X, A, B, C, initial_states)
-    chunk_size = check_chunk_size(chunk_size, l)
-    segment = max(1, cpu_segment // chunk_size) * chunk_size  # whole chunks
     compiling = torch.compiler.is_compiling()  # then one graph for every length
+    # compiled, the chunk is not cut to a short sequence: no size that depends on l
+    chunk_size = check_chunk_size(chunk_size, chunk_size if compiling else l)
+    segment = max(1, cpu_segment // chunk_size) * chunk_size  # whole chunks
     if not compiling and X.device.type == "cpu" and l > segment:  # a cache-sized piece
         ssd = lambda *args: ssd_fast(
             *args, block=block, cpu_segment=cpu_segment, scores_memory=scores_memory

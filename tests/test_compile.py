@@ -41,9 +41,11 @@ def tiny_block(impl: str) -> Mamba2:
     return block
 
 
-@pytest.mark.parametrize("impl", ["fast", "chunked"])
+@pytest.mark.parametrize("impl", ["auto", "fast"])
 def test_block_compiles_once(impl):
-    "`torch.compile(block, dynamic=True)`: one graph for 3 to 44 chunks, as eager."
+    """`torch.compile(block, dynamic=True)`: one graph for 3 to 44 chunks, as eager.
+    (Chapter 4's plain `ssd_chunked` is not shaped for this: its loop over chunks is unrolled
+    into one graph per count of chunks; compiled, the front door runs `ssd_fast`.)"""
     counters.clear()
     block = tiny_block(impl)
     compiled = torch.compile(block, dynamic=True)
