@@ -361,10 +361,11 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
         ssd_forward(rev(C_heads), A_rev, rev(dY), rev(X), Q, dfinal_t, None, wide)[0]
     )
     dB = heads_summed(Z if dt is None else Z * dt[..., None], g)
-    # dA: each log-decay scales every path through it; Y again, in float32
-    Y, final = ssd_forward(X, A, B, C, Q, s0, dt, wide)
-    Xe_dXe = last_dot(X, dXe) if dt is None else last_dot(X, dXe) * dt
-    d_sums = last_dot(dY, Y) - Xe_dXe  # (b, l, h)
+    # dA: each log-decay scales every path through it. Y again, in float32, from the
+    # inputs x dt rounded as dX's run rounds them: the largest terms (s = t) then cancel
+    Xe = X if dt is None else (X * dt[..., None]).to(X.dtype)
+    Y, final = ssd_forward(Xe, A, B, C, Q, s0, None, wide)
+    d_sums = last_dot(dY, Y) - last_dot(Xe, dXe)  # (b, l, h)
     d_sums[:, -1] += (dfinal * final).sum((-1, -2))
     dA = backward_in_time(backward_in_time(d_sums).cumsum(1))
     if dt is None:

@@ -72,3 +72,39 @@ def test_under_torch_compile_the_front_door_runs_ssd_fast(impl, monkeypatch):
     assert rel_err(compiled(X, A, B, C), Y_ref) < 1e-12
     assert calls == ["fast"]  # traced once, through ssd_fast
     torch._dynamo.reset()
+
+
+def test_bfloat16_gradients_with_dt_folded_in_are_as_close_as_with_x_dt_rounded_first():
+    """The gradient of A (so of dt) is a difference of two sums whose largest terms (s = t)
+    must cancel: the backward recomputes Y from x dt rounded as the run for dX rounds it.
+    Baseline: the same kernels on x dt rounded to bfloat16 first (the front door's way)."""
+    import torch.nn.functional as F
+
+    from mamba2.triton_ssd import ssd_triton
+
+    gen = torch.Generator().manual_seed(0)
+    b, l, h, p, n, Q = 1, 512, 2, 32, 32, 128
+    x = torch.randn(b, l, h, p, generator=gen).bfloat16()
+    dt = F.softplus(torch.randn(b, l, h, generator=gen) - 4)
+    a = -torch.empty(h).uniform_(1, 16, generator=gen)
+    B, C = (torch.randn(b, l, 1, n, generator=gen).bfloat16() for _ in "BC")
+    dY = torch.randn(b, l, h, p, generator=gen).bfloat16()
+
+    def dt_grad(run, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, B, C)]
+        d = dt.to(torch.promote_types(dtype, torch.float32), copy=True).requires_grad_()
+        Y, S = run(leaves[0], d, d * a.to(d.dtype), *leaves[1:])
+        torch.autograd.backward((Y, S), (dY.to(Y.dtype), torch.zeros_like(S)))
+        return d.grad
+
+    exact = dt_grad(
+        lambda x, d, A, B, C: ssd(x * d[..., None], A, B, C, Q), torch.float64
+    )
+    folded = dt_grad(
+        lambda x, d, A, B, C: ssd_triton(x, A, B, C, Q, dt=d), torch.bfloat16
+    )
+    rounded = dt_grad(
+        lambda x, d, A, B, C: ssd_triton(x * d[..., None].to(x.dtype), A, B, C, Q),
+        torch.bfloat16,
+    )
+    assert rel_err(folded, exact) < 1.5 * rel_err(rounded, exact)
