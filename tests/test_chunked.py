@@ -113,8 +113,11 @@ def test_strong_decays(impl):
 def test_gradcheck_with_initial_states(impl):
     X, A, B, C, s0 = random_inputs(b=1, l=5, h=2, g=1, p=2, n=2, initial_states=True)
     args = [t.clone().requires_grad_() for t in (X, A, B, C, s0)]
+    # the kernels' backward is four interpreted forward runs: one random direction for them
     assert torch.autograd.gradcheck(
-        lambda X, A, B, C, s0: ssd(X, A, B, C, 2, s0, impl), args
+        lambda X, A, B, C, s0: ssd(X, A, B, C, 2, s0, impl),
+        args,
+        fast_mode=impl == "triton",
     )
 
 
