@@ -393,7 +393,7 @@ class SSDKernels(torch.autograd.Function):
                 like(ddt, dt))  # fmt: skip
 
 
-# %% ../book/09_kernels.ipynb #08109e69
+# %% ../book/09_kernels.ipynb #eb6da1cc
 @torch.compiler.disable  # torch.compile runs around the kernels, not into them
 def ssd_triton(
     X: Tensor,
