@@ -18,6 +18,7 @@ source package (`run_gpu.sh` puts it on the path; no compiled extension is neede
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import time
@@ -88,9 +89,13 @@ def main():
     args = ap.parse_args()
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    # the device's copy of the tree may carry a stale .git: MAMBA2_COMMIT says which
+    commit = (
+        os.environ.get("MAMBA2_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     res = {
         "env": {
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(

@@ -206,7 +206,7 @@ def pass_states(
     return entering, final
 
 
-# %% ../book/09_kernels.ipynb #67632aed
+# %% ../book/09_kernels.ipynb #45c6b682
 # fmt: off
 @triton.jit
 def chunk_outputs_kernel(
@@ -266,7 +266,7 @@ def chunk_outputs_kernel(
 # fmt: on
 
 
-# %% ../book/09_kernels.ipynb #45c6b682
+# %% ../book/09_kernels.ipynb #75155bed
 def chunk_outputs(
     X: Tensor,
     B: Tensor,
@@ -296,7 +296,7 @@ def chunk_outputs(
     return Y
 
 
-# %% ../book/09_kernels.ipynb #0e7be9a4
+# %% ../book/09_kernels.ipynb #9fe36697
 def ssd_forward(
     X: Tensor,
     A: Tensor,
@@ -315,7 +315,7 @@ def ssd_forward(
     return chunk_outputs(X, B, C, entering, sums, Q, dt, out_dtype), final
 
 
-# %% ../book/09_kernels.ipynb #68e88e95
+# %% ../book/09_kernels.ipynb #fcfb55a8
 def backward_in_time(t: Tensor) -> Tensor:
     "`t: (b, l, ...)` with its tokens in reverse order."
     return t.flip(1)
@@ -340,7 +340,7 @@ def last_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("...p,...p->...", a.to(wide), b.to(wide))
 
 
-# %% ../book/09_kernels.ipynb #fcfb55a8
+# %% ../book/09_kernels.ipynb #3a3a608e
 def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels,
     their outputs in float32 or wider."""
@@ -373,7 +373,7 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     return dXe * dt[..., None], dA, dB, dC, ds0, last_dot(X, dXe)
 
 
-# %% ../book/09_kernels.ipynb #3a3a608e
+# %% ../book/09_kernels.ipynb #08109e69
 class SSDKernels(torch.autograd.Function):
     "The kernels forward and backward; keeps only the inputs for the backward pass."
 
@@ -393,7 +393,7 @@ class SSDKernels(torch.autograd.Function):
                 like(ddt, dt))  # fmt: skip
 
 
-# %% ../book/09_kernels.ipynb #eb6da1cc
+# %% ../book/09_kernels.ipynb #31149002
 @torch.compiler.disable  # torch.compile runs around the kernels, not into them
 def ssd_triton(
     X: Tensor,
