@@ -49,8 +49,8 @@ def ssd(
     """
     compiling = torch.compiler.is_compiling()
     if impl == "auto" or (impl == "triton" and compiling):
-        # the fastest correct one (chapters 8 and 9). Compiled: Inductor fuses ssd_fast,
-        # and chapter 9's kernels gave wrong results inside a compiled block
+        # the fastest correct one (chapters 8 and 9). Compiled: one graph, ssd_fast
+        # fused (a graph break at the kernels inside a compiled block went wrong)
         on_gpu = getattr(X, "is_cuda", False) and X.dtype != torch.float64
         kernels = on_gpu and not compiling and "triton" in IMPLEMENTATIONS
         impl = "triton" if kernels else "fast"
