@@ -24,6 +24,9 @@ def f32(t):
 @pytest.mark.parametrize("h,g", [(4, 1), (4, 2), (4, 4)])
 @pytest.mark.parametrize("init", [False, True])
 def test_matches_oracle(impl, l, chunk_size, h, g, init):
+    if impl == "triton" and not torch.cuda.is_available() and chunk_size == 3:
+        if (l, g, init) != (3 * Q + 5, 2, True):  # one case of many tiny chunks
+            pytest.skip("interpreted, many tiny chunks are slow: one such case is kept")
     X, A, B, C, s0 = random_inputs(b=2, l=l, h=h, g=g, p=3, n=5, initial_states=init)
     Y_ref, s_ref = naive_ssd(X, A, B, C, s0)
     Y, s = ssd(X, A, B, C, chunk_size, s0, impl)
