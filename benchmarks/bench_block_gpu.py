@@ -19,17 +19,11 @@ import time
 import torch
 from bench_decode_gpu import env_info, import_mamba_ssm
 from bench_kernels_gpu import forget_tuning
+from bench_ssd_gpu import SHAPES, peak_mib, rel
 from triton.testing import do_bench
 
 import mamba2
 from mamba2 import Mamba2
-
-SHAPES = {
-    "8x1k": (8, 1024),
-    "8x4k": (8, 4096),
-    "2x16k": (2, 16384),
-    "1x64k": (1, 65536),
-}
 
 
 def build():
@@ -44,19 +38,6 @@ def build():
         m for m in theirs.modules() if type(m).__name__ == "Mamba2" and m is not mine
     )
     return mine.train(), other.train()
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main():
@@ -91,7 +72,7 @@ def main():
                 r["rel_err_vs_mamba_ssm"] = rel(y, ref)
                 del y
                 r["ms"] = do_bench(lambda: fn(u), warmup=10, rep=100)
-                r["peak_mib"] = peak_mib(lambda: fn(u))
+                r["peak_mib"] = round(peak_mib(lambda: fn(u)), 1)
                 if name == "compiled":  # another length: no new graph
                     with torch.compiler.set_stance("fail_on_recompile"):
                         try:
@@ -122,7 +103,7 @@ def main():
                 r = {"shape": shape, "variant": name}
                 r["first_call_s"] = round(time.perf_counter() - t0, 2)
                 r["ms"] = do_bench(step, warmup=5, rep=50)
-                r["peak_mib"] = peak_mib(step)
+                r["peak_mib"] = round(peak_mib(step), 1)
                 res["backward"].append(r)
                 print("fwd+bwd", json.dumps(r), flush=True)
         with open(args.out, "w") as f:

@@ -24,32 +24,13 @@ import subprocess
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
+from bench_ssd_gpu import SHAPES, G, H, N, P, Q, make_inputs, peak_mib, rel
 from triton.testing import do_bench
 
 import mamba2
 from mamba2 import ssd, ssd_chunked
 from mamba2.triton_ssd import chunk_outputs, chunk_states, pass_states, ssd_triton
-
-SHAPES = {
-    "8x1k": (8, 1024),
-    "8x4k": (8, 4096),
-    "2x16k": (2, 16384),
-    "1x64k": (1, 65536),
-}
-H, P, N, G, Q = 24, 64, 128, 1, 256
-
-
-def inputs(b, l, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(b, l, H, P, device="cuda", generator=gen).bfloat16()
-    dt = F.softplus(torch.randn(b, l, H, device="cuda", generator=gen) - 4)
-    a = -torch.empty(H, device="cuda").uniform_(1, 16, generator=gen)
-    B, C = (
-        torch.randn(b, l, G, N, device="cuda", generator=gen).bfloat16() for _ in "BC"
-    )
-    return x, dt, a, B, C
 
 
 def forget_tuning():
@@ -64,21 +45,6 @@ def forget_tuning():
             for obj in vars(module).values():
                 if isinstance(obj, Autotuner):
                     obj.cache.clear()
-
-
-def peak_mib(fn):
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return round(peak / 2**20, 1)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main():
@@ -123,7 +89,7 @@ def main():
     for shape in args.shapes.split(","):
         b, l = SHAPES[shape]
         forget_tuning()
-        x, dt, a, B, C = inputs(b, l)
+        x, dt, a, B, C = make_inputs(b, l, torch.bfloat16)
         ref = ssd_chunked(*(t.double() for t in (x * dt[..., None], dt * a, B, C)), Q)
         X, A = x, dt * a
         for name, fn in fns.items():
@@ -135,7 +101,7 @@ def main():
             r["rel_err_y"], r["rel_err_state"] = rel(Y, ref[0]), rel(S, ref[1])
             del Y, S
             r["ms"] = do_bench(lambda: fn(x, dt, a, B, C), warmup=25, rep=200)
-            r["peak_mib"] = peak_mib(lambda: fn(x, dt, a, B, C))
+            r["peak_mib"] = round(peak_mib(lambda: fn(x, dt, a, B, C)), 1)
             res["forward"].append(r)
             print(json.dumps(r), flush=True)
         del ref
@@ -196,7 +162,7 @@ def backward(fns, x, dt, a, B, C):
         del grads
         out[name] = {
             "ms": do_bench(step, warmup=5, rep=50),
-            "peak_mib": peak_mib(step),
+            "peak_mib": round(peak_mib(step), 1),
             "rel_err_grad": errors,
         }
         print("fwd+bwd", name, out[name], flush=True)
