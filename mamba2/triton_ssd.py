@@ -345,29 +345,29 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels,
     their outputs in float32 or wider."""
     g, rev, A_rev = B.shape[2], backward_in_time, shifted_back(A)
-    wide = torch.promote_types(X.dtype, torch.float32)
+    r, wide = dY.shape[2] // g, torch.promote_types(X.dtype, torch.float32)
+    dY_rev, C_rev = rev(dY), rev(C)  # read by both runs backward in time
     # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B, C swapped
-    dXe, ds0 = ssd_forward(rev(dY), A_rev, rev(C), rev(B), Q, dfinal, None, wide)
+    dXe, ds0 = ssd_forward(dY_rev, A_rev, C_rev, rev(B), Q, dfinal, None, wide)
     dXe = rev(dXe)
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
-    # dC_t = sum_s decay (dY_t . X_s) B_s: an SSD in which B_s is the input, X_s the key
-    r = dY.shape[2] // g
-    B_heads, C_heads = (t.repeat_interleave(r, 2) for t in (B, C))
-    s0_t = None if s0 is None else s0.transpose(-1, -2)
-    dC = heads_summed(ssd_forward(B_heads, A, X, dY, Q, s0_t, dt, wide)[0], g)
-    # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: the same, backward in time
-    dfinal_t = dfinal.transpose(-1, -2)
-    Z = rev(
-        ssd_forward(rev(C_heads), A_rev, rev(dY), rev(X), Q, dfinal_t, None, wide)[0]
-    )
+    # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: an SSD in which C_t is the input and
+    # dY_t the key, read with X_s, backward in time; one group per head
+    C_heads, dfinal_t = C_rev.repeat_interleave(r, 2), dfinal.transpose(-1, -2)
+    Z = rev(ssd_forward(C_heads, A_rev, dY_rev, rev(X), Q, dfinal_t, None, wide)[0])
     dB = heads_summed(Z if dt is None else Z * dt[..., None], g)
+    del dY_rev, C_rev, C_heads, Z
+    # dC_t = sum_s decay (dY_t . X_s) B_s: the same forward in time, B_s the input
+    s0_t = None if s0 is None else s0.transpose(-1, -2)
+    Z = ssd_forward(B.repeat_interleave(r, 2), A, X, dY, Q, s0_t, dt, wide)[0]
+    dC = heads_summed(Z, g)
     # dA: each log-decay scales every path through it. Y again, in float32, from the
     # inputs x dt rounded as dX's run rounds them: the largest terms (s = t) then cancel
     Xe = X if dt is None else (X * dt[..., None]).to(X.dtype)
     Y, final = ssd_forward(Xe, A, B, C, Q, s0, None, wide)
     d_sums = last_dot(dY, Y) - last_dot(Xe, dXe)  # (b, l, h)
     d_sums[:, -1] += (dfinal * final).sum((-1, -2))
-    dA = backward_in_time(backward_in_time(d_sums).cumsum(1))
+    dA = rev(rev(d_sums).cumsum(1))
     if dt is None:
         return dXe, dA, dB, dC, ds0, None
     return dXe * dt[..., None], dA, dB, dC, ds0, last_dot(X, dXe)
