@@ -29,3 +29,4 @@ from .cli import *  # noqa: F401,F403
 from .fast import *  # noqa: F401,F403
 from .decays import *  # noqa: F401,F403
 # .triton_ssd needs Triton: import it by name (ssd's impl reaches it)
+# .triton_step needs Triton: import it by name (GraphedStep reaches it)

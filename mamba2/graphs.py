@@ -6,12 +6,14 @@ __all__ = ["GraphedStep", "graphed_step"]
 # %% ../book/07_lm.ipynb #1dfc599a
 import weakref
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from .lm import Mamba2LMHeadModel
+from .ssd import has_triton
 from .step import InferenceCache
 
 
@@ -21,23 +23,44 @@ def _weights(model: Mamba2LMHeadModel) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
 
 
+def _use_kernels(model: Mamba2LMHeadModel, kernels: bool | None = None) -> bool:
+    """Whether a graph captures chapter 10's step in Triton kernels: None picks them
+    where they run (Triton installed, a CUDA model, not float64)."""
+    if not isinstance(kernels, (bool, type(None))):
+        raise TypeError(f"kernels must be None or a bool, got {kernels!r}")
+    if kernels is None:
+        w = model.lm_head.weight
+        kernels = w.is_cuda and w.dtype != torch.float64 and has_triton()
+    return kernels
+
+
 class GraphedStep:
     """`model.next_logits` for one batch size, captured once in a CUDA graph and
     replayed after: one launch instead of one per kernel. The graph reads and updates
-    tensors of its own, `token` and `cache`: `load` a prefilled cache into it first."""
+    tensors of its own, `token` and `cache`: `load` a prefilled cache into it first.
+    `kernels`: capture chapter 10's step instead (None: where it runs)."""
 
     @torch.inference_mode()
-    def __init__(self, model: Mamba2LMHeadModel, batch: int):
+    def __init__(
+        self, model: Mamba2LMHeadModel, batch: int, kernels: bool | None = None
+    ):
         self.cache, self.weights, self.busy = model.allocate_cache(batch), (), False
         device = self.cache[0].ssm_state.device
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        run = lambda: model.next_logits(self.token, self.cache)  # noqa: E731
+        self.kernels, step = _use_kernels(model, kernels), model.next_logits
+        if self.kernels:  # imported here: Triton is optional
+            from mamba2 import triton_step
+
+            step = partial(triton_step.step, model)  # checked at the warm-up
+        run = lambda: step(self.token, self.cache)  # noqa: E731
         side = torch.cuda.Stream()  # warm up off the main stream, as capture wants
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(side)
+        if self.kernels:  # the graph: no checks, which would wait for the device
+            step = partial(triton_step.next_logits, model)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = run()
@@ -62,15 +85,19 @@ _KEPT = weakref.WeakKeyDictionary()  # a model -> its last GraphedStep
 
 
 @contextmanager
-def graphed_step(model: Mamba2LMHeadModel, cache: list) -> Iterator[GraphedStep]:
+def graphed_step(
+    model: Mamba2LMHeadModel, cache: list, kernels: bool | None = None
+) -> Iterator[GraphedStep]:
     """The model's `GraphedStep` for the batch of `cache`, with `cache` loaded into it.
-    The last one made for a model is kept for the next call, while its batch size and
-    weights' places still fit; one in use by another generation is not shared."""
+    The last one made for a model is kept for the next call, while its batch size,
+    weights' places and `kernels` still fit; one in use by another is not shared."""
     batch, kept = len(cache[0].ssm_state), _KEPT.get(model)
+    kernels = _use_kernels(model, kernels)
     fits = kept is not None and not kept.busy and len(kept.token) == batch
+    fits = fits and kept.kernels == kernels
     step = kept if fits and kept.weights == _weights(model) else None
     if step is None:
-        step = GraphedStep(model, batch)
+        step = GraphedStep(model, batch, kernels)
         if kept is None or not kept.busy:
             _KEPT[model] = step
     step.load(cache)

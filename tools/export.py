@@ -62,8 +62,12 @@ def only_module(cells, module, default):
     return out
 
 
-# modules that need an optional package: the package imports without them
-OPTIONAL = {"triton_ssd": "Triton"}
+# modules that need an optional package (the package imports without them): the package,
+# and what reaches them
+OPTIONAL = {
+    "triton_ssd": ("Triton", "ssd's impl reaches it"),
+    "triton_step": ("Triton", "GraphedStep reaches it"),
+}
 
 
 def init_source(modules):
@@ -83,7 +87,7 @@ def init_source(modules):
     lines += [
         f"from .{m} import *  # noqa: F401,F403"
         if m not in OPTIONAL
-        else f"# .{m} needs {OPTIONAL[m]}: import it by name (ssd's impl reaches it)"
+        else f"# .{m} needs {OPTIONAL[m][0]}: import it by name ({OPTIONAL[m][1]})"
         for m in modules
     ]
     lines.insert(
