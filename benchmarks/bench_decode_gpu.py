@@ -1,4 +1,5 @@
-"""Greedy decoding on one GPU: ours (plain step, CUDA graph) beside mamba_ssm's `generate` (cg=False, cg=True).
+"""Greedy decoding on one GPU: ours (plain step; CUDA graph of the plain step; CUDA graph of chapter 10's
+Triton kernels) beside mamba_ssm's `generate` (cg=False, cg=True).
 
     PARTS=decode bash benchmarks/run_gpu.sh [OUTDIR]      # the GPU suite's way: mamba_ssm's source on the path
     python benchmarks/bench_decode_gpu.py [--batches 1,16] [--new 128] [--repeats 3] [--out FILE]
@@ -8,12 +9,16 @@ bfloat16, random weights: mamba_ssm's `MambaLMHeadModel` is built and initialise
 format (config.json, pytorch_model.bin) and loaded by ours with `from_pretrained`, so both run the same weights.
 A 64-token prompt, then `--new` new tokens, greedy, no EOS; both sides pick from the first 50277 logits only.
 Time of the whole `generate` call (prompt included), after a warm-up call (which also captures the graphs),
-the four variants interleaved so that they see the same machine; tokens/s = batch * new / median time.
-Also: the kernels one plain step launches (torch.profiler), and the time of one step launched kernel by kernel
-and replayed from the graph. Without mamba_ssm importable, ours alone is measured and the reason is recorded.
+the variants interleaved so that they see the same machine; tokens/s = batch * new / median time.
+`ours_graph` replays the plain step (chapter 7, `kernels=False`); `ours_kernels` replays chapter 10's fused step
+(`generate`'s default on a GPU with Triton), from another handle on the same model so that each keeps its graph.
+Also: the kernels one step launches (torch.profiler), plain and fused, and the time of one step launched kernel
+by kernel and replayed from the graph, for both. Without mamba_ssm importable, ours alone is measured and the
+reason is recorded; without Triton, the fused variant is left out and the reason recorded.
 """
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -27,13 +32,16 @@ import time
 import traceback
 import types
 import warnings
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import mamba2
-from mamba2 import Mamba2Config, Mamba2LMHeadModel
+from mamba2 import Mamba2Config, Mamba2LMHeadModel, generation, graphs
 from mamba2.graphs import GraphedStep
+from mamba2.ssd import has_triton
 
 D_MODEL, N_LAYER, VOCAB, PAD, PROMPT = 768, 24, 50277, 16, 64
 
@@ -128,16 +136,36 @@ def build_models(dtype):
     return ours.eval(), theirs, None
 
 
+@contextmanager
+def plain_graph():
+    "Inside, generate's CUDA graphs capture the plain step (chapter 7): kernels=False."
+    generation.graphed_step = partial(graphs.graphed_step, kernels=False)
+    try:
+        yield
+    finally:
+        generation.graphed_step = graphs.graphed_step
+
+
+def plain_graph_generate(model, ids, new):
+    with plain_graph():
+        return model.generate(ids, new, temperature=0, cuda_graph=True)
+
+
 def variants(ours, theirs, new):
     "name -> a function of the prompt that generates `new` tokens greedily."
     out = {
         "ours_eager": lambda ids: ours.generate(
             ids, new, temperature=0, cuda_graph=False
         ),
-        "ours_graph": lambda ids: ours.generate(
-            ids, new, temperature=0, cuda_graph=True
-        ),
+        "ours_graph": lambda ids: plain_graph_generate(ours, ids, new),
     }
+    if has_triton():
+        # another handle on the same modules and weights: graphed_step keeps one graph a
+        # model, so the two graphed variants, interleaved, would otherwise recapture
+        fused = copy.copy(ours)
+        out["ours_kernels"] = lambda ids: fused.generate(
+            ids, new, temperature=0, cuda_graph=True
+        )
     if theirs is not None:
         for name, cg in (("mamba_ssm", False), ("mamba_ssm_cg", True)):
             out[name] = lambda ids, cg=cg: theirs.generate(
@@ -154,41 +182,52 @@ def timed(f, ids):
     return time.perf_counter() - t0, out
 
 
-@torch.inference_mode()
-def step_costs(model, batch, steps=50):
-    "Kernels one plain step launches (profiler), and ms a step: launched one by one, replayed."
+def count_kernels(step):
+    "Kernels and copies that one call of `step` runs on the GPU (torch.profiler)."
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    warnings.filterwarnings("ignore", message=".*Profiler clears events")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    on_gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = sum(not e.name.startswith(("Memcpy", "Memset")) for e in on_gpu)
+    return kernels, len(on_gpu) - kernels
+
+
+def ms_per_call(step, steps):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+@torch.inference_mode()
+def step_costs(model, batch, kernels=False, steps=50):
+    """Kernels one step launches (profiler), and ms a step: launched one by one, and
+    replayed from the graph. `kernels`: chapter 10's fused step, else the plain one."""
     cache, token = (
         model.allocate_cache(batch),
         torch.zeros(batch, dtype=torch.long, device="cuda"),
     )
-    for _ in range(3):
-        model.next_logits(token, cache)
-    torch.cuda.synchronize()
-    warnings.filterwarnings("ignore", message=".*Profiler clears events")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.next_logits(token, cache)
-        torch.cuda.synchronize()
-    on_gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    kernels = sum(not e.name.startswith(("Memcpy", "Memset")) for e in on_gpu)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model.next_logits(token, cache)
-    torch.cuda.synchronize()
-    eager = (time.perf_counter() - t0) / steps * 1e3
-    graphed = GraphedStep(model, batch)
+    if kernels:
+        from mamba2 import triton_step
+
+        step = partial(triton_step.next_logits, model, token, cache)
+    else:
+        step = partial(model.next_logits, token, cache)
+    for _ in range(3):  # warm-up (and, for the kernels, their compilation)
+        step()
+    n_kernels, copies = count_kernels(step)
+    eager = ms_per_call(step, steps)
+    graphed = GraphedStep(model, batch, kernels=kernels)
+    assert graphed.kernels == kernels
     graphed(token)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        graphed(token)
-    torch.cuda.synchronize()
-    replay = (time.perf_counter() - t0) / steps * 1e3
-    return dict(
-        kernels=kernels, copies=len(on_gpu) - kernels, eager_ms=eager, graph_ms=replay
-    )
+    replay = ms_per_call(lambda: graphed(token), steps)
+    return dict(kernels=n_kernels, copies=copies, eager_ms=eager, graph_ms=replay)
 
 
 def main():
@@ -223,15 +262,29 @@ def main():
         step={},
         results=[],
     )
-    costs = {b: step_costs(ours, b) for b in map(int, args.batches.split(","))}
+    batches = list(map(int, args.batches.split(",")))
+    costs = {b: step_costs(ours, b) for b in batches}
     res["step"] = dict(
         kernels_per_step=costs[min(costs)]["kernels"],
         copies_per_step=costs[min(costs)]["copies"],
         eager_step_ms={str(b): round(c["eager_ms"], 3) for b, c in costs.items()},
         graph_step_ms={str(b): round(c["graph_ms"], 3) for b, c in costs.items()},
     )
+    res["triton_error"] = None if has_triton() else "Triton not installed"
+    if has_triton():  # chapter 10's fused step
+        fused = {b: step_costs(ours, b, kernels=True) for b in batches}
+        res["step"].update(
+            fused_kernels_per_step=fused[min(fused)]["kernels"],
+            fused_copies_per_step=fused[min(fused)]["copies"],
+            fused_eager_step_ms={
+                str(b): round(c["eager_ms"], 3) for b, c in fused.items()
+            },
+            fused_graph_step_ms={
+                str(b): round(c["graph_ms"], 3) for b, c in fused.items()
+            },
+        )
     print(json.dumps(res["step"]), flush=True)
-    for b in costs:
+    for b in batches:
         ids = torch.randint(1, VOCAB, (b, PROMPT), device="cuda", generator=None)
         fs = variants(ours, theirs, args.new)
         outs = {
@@ -247,6 +300,17 @@ def main():
             row[name] = round(b * args.new / statistics.median(times[name]), 1)
             row[name + "_times_s"] = [round(t, 4) for t in times[name]]
         row["same_tokens"] = torch.equal(outs["ours_eager"], outs["ours_graph"])
+        if "ours_kernels" in fs:  # bfloat16: a rounding tipped may change a later token
+            e, k = outs["ours_eager"][:, PROMPT:], outs["ours_kernels"][:, PROMPT:]
+            row["kernels_same_tokens"] = torch.equal(e, k)
+            row["kernels_tokens_agreeing_with_eager_before_first_difference"] = (
+                round((e == k).cumprod(1).sum(1).float().mean().item(), 1)
+                if e.shape == k.shape
+                else None
+            )
+            row["kernels_over_graph"] = round(
+                row["ours_kernels"] / row["ours_graph"], 2
+            )
         if theirs is not None:
             a, c = outs["ours_graph"][:, PROMPT:], outs["mamba_ssm_cg"][:, PROMPT:]
             row["shape_ok"] = a.shape == c.shape
@@ -257,6 +321,10 @@ def main():
             row["graph_over_mamba_ssm_cg"] = round(
                 row["ours_graph"] / row["mamba_ssm_cg"], 2
             )
+            if "ours_kernels" in fs:
+                row["kernels_over_mamba_ssm_cg"] = round(
+                    row["ours_kernels"] / row["mamba_ssm_cg"], 2
+                )
         print(
             json.dumps({k: v for k, v in row.items() if not k.endswith("_s")}),
             flush=True,
