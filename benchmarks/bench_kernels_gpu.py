@@ -17,6 +17,7 @@ source package (`run_gpu.sh` puts it on the path; no compiled extension is neede
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -172,44 +173,48 @@ def backward(fns, x, dt, a, B, C):
 def sweep(X, A, B, C, dt):
     "Tile sizes, warps and stages of the kernels at one shape."
     rows = []
-    for block in (32, 64, 128):
-        for warps in (4, 8):
-            ms = do_bench(
-                lambda: chunk_states(X, A, B, Q, dt, block=block, warps=warps)
+    for block, warps, stages in itertools.product((32, 64), (2, 4), (1, 2, 3)):
+        ms = do_bench(
+            lambda: chunk_states(
+                X, A, B, Q, dt, block=block, warps=warps, stages=stages
             )
-            rows.append(dict(kernel="chunk_states", block=block, warps=warps, ms=ms))
+        )
+        rows.append(
+            dict(kernel="chunk_states", block=block, warps=warps, stages=stages, ms=ms)
+        )
     st, sums, tot = chunk_states(X, A, B, Q, dt)
-    for block in (64, 128, 256, 512, 1024):
-        for warps in (1, 2, 4):
-            ms = do_bench(
-                lambda: pass_states(st, tot, None, X.dtype, block=block, warps=warps)
-            )
-            rows.append(dict(kernel="pass_states", block=block, warps=warps, ms=ms))
+    for block, warps in itertools.product((128, 256, 512), (1, 2)):
+        ms = do_bench(
+            lambda: pass_states(st, tot, None, X.dtype, block=block, warps=warps)
+        )
+        rows.append(dict(kernel="pass_states", block=block, warps=warps, ms=ms))
     st, _ = pass_states(st, tot, None, X.dtype)
-    for block in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                try:
-                    ms = do_bench(
-                        lambda: chunk_outputs(
-                            X,
-                            B,
-                            C,
-                            st,
-                            sums,
-                            Q,
-                            dt,
-                            block=block,
-                            warps=warps,
-                            stages=stages,
-                        )
-                    )
-                except Exception as e:  # out of shared memory or registers
-                    ms = f"{type(e).__name__}"
-                rows.append(
-                    dict(kernel="chunk_outputs", block=block, warps=warps,
-                         stages=stages, ms=ms)
+    knobs = itertools.product((64, 128), (16, 32, 64), (4, 8), (2, 3, 4))
+    for block, cols, warps, stages in knobs:
+        if cols > block:
+            continue
+        try:
+            ms = do_bench(
+                lambda: chunk_outputs(
+                    X,
+                    B,
+                    C,
+                    st,
+                    sums,
+                    Q,
+                    dt,
+                    block=block,
+                    cols=cols,
+                    warps=warps,
+                    stages=stages,
                 )  # fmt: skip
+            )
+        except Exception as e:  # out of shared memory or registers
+            ms = f"{type(e).__name__}"
+        rows.append(
+            dict(kernel="chunk_outputs", block=block, cols=cols, warps=warps,
+                 stages=stages, ms=ms)
+        )  # fmt: skip
     for r in rows:
         print("sweep", r, flush=True)
     return rows

@@ -6,16 +6,15 @@ __all__ = [
     "chunk_states_kernel",
     "dot_types",
     "tile",
+    "in_time",
     "chunk_states",
     "pass_states_kernel",
     "pass_states",
+    "head_outputs",
     "chunk_outputs_kernel",
     "chunk_outputs",
     "ssd_forward",
-    "backward_in_time",
     "shifted_back",
-    "heads_summed",
-    "last_dot",
     "ssd_backward",
     "SSDKernels",
     "ssd_triton",
@@ -47,7 +46,7 @@ from .scan import check_ssd_inputs  # noqa: E402
 @triton.jit
 def chunk_states_kernel(
     X, A, B, dt, states, cums, totals,  # pointers (dt: a multiplier of X, or unused)
-    l, h, r, p, n, Q, n_chunks, lo_at,  # sizes (r heads share a group's B)
+    l, h, r, rx, p, n, Q, n_chunks, lo_at,  # sizes (r heads share a row of B, rx of X)
     sx_b, sx_l, sx_h, sx_p, sa_b, sa_l, sa_h, sb_b, sb_l, sb_g, sb_n,  # strides
     sd_b, sd_l, sd_h,
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -56,7 +55,7 @@ def chunk_states_kernel(
     "Step 2 for one chunk `c` of one head `hh`, rows `offs_p` of its state."
     pid, pid_p = tl.program_id(0), tl.program_id(1)
     bi, c, hh = pid // (n_chunks * h), (pid // h) % n_chunks, pid % h
-    X += bi * sx_b + c * Q * sx_l + hh * sx_h
+    X += bi * sx_b + c * Q * sx_l + (hh // rx) * sx_h
     A += bi * sa_b + c * Q * sa_l + hh * sa_h
     dt += bi * sd_b + c * Q * sd_l + hh * sd_h
     B += bi * sb_b + c * Q * sb_l + (hh // r) * sb_g
@@ -123,6 +122,17 @@ def tile(size: int, most: int = 64) -> int:
     return min(most, max(16, triton.next_power_of_2(size)))
 
 
+def in_time(t: Tensor, reverse: bool = False, dim: int = 1) -> tuple[Tensor, list]:
+    """Where a kernel starts reading `t` along its token axis `dim`, and the strides:
+    with `reverse`, at the last token with that stride negated. The backward pass reads
+    its sequences backward in time this way, without copying them."""
+    strides = list(t.stride())
+    if not reverse or t.shape[dim] == 0:
+        return t, strides
+    strides[dim] = -strides[dim]
+    return t.narrow(dim, t.shape[dim] - 1, 1), strides
+
+
 # %% ../book/09_kernels.ipynb #62988db1
 def chunk_states(
     X: Tensor,
@@ -130,29 +140,35 @@ def chunk_states(
     B: Tensor,
     Q: int,
     dt: Tensor | None = None,
+    reverse: bool = False,
     block: int = 64,
-    warps: int = 4,
+    warps: int = 2,
+    stages: int = 2,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel 1 on `X: (b, l, h, p)`, `A: (b, l, h)`, `B: (b, l, g, n)`, chunks of `Q`
-    (with `dt: (b, l, h)`, the inputs are `X dt`).
+    (with `dt: (b, l, h)`, the inputs are `X dt`; `X` may hold one row per group).
+    `reverse`: `X`, `B` and `dt` are read last token first (`A` as given).
 
     Returns each chunk's state from a zero start `(b, c, h, p, n)`, the running sums of
     `A` within each chunk as pairs hi + lo `(2, b, h, c * Q)` and each chunk's total
     `(b, h, c)`."""
-    (b, l, h, p), (g, n) = X.shape, B.shape[2:]
+    (b, l, hx, p), h, (g, n) = X.shape, A.shape[2], B.shape[2:]
     c, acc = max(1, -(-l // Q)), torch.promote_types(X.dtype, torch.float32)
     states = X.new_empty(b, c, h, p, n, dtype=acc)
     sums, totals = (
         A.new_empty(2, b, h, c * Q, dtype=acc),
         A.new_empty(b, h, c, dtype=acc),
     )
-    d = A if dt is None else dt  # a placeholder without dt
+    (X, sx), (B, sb), (d, sd) = (
+        in_time(t, reverse) for t in (X, B, A if dt is None else dt)
+    )  # without dt, A is a placeholder
     BLOCK_P = tile(p)
     chunk_states_kernel[(b * c * h, triton.cdiv(p, BLOCK_P))](
-        X, A, B, d, states, sums, totals, l, h, h // g, p, n, Q, c, sums[1].numel(),
-        *X.stride(), *A.stride(), *B.stride(), *d.stride(),
+        X, A, B, d, states, sums, totals, l, h, h // g, h // hx, p, n, Q, c,
+        sums[1].numel(), *sx, *A.stride(), *sb, *sd,
         BLOCK_S=tile(Q, block), BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
-        HAS_DT=dt is not None, num_warps=warps, **dot_types(X.dtype),
+        HAS_DT=dt is not None, num_warps=warps, num_stages=stages,
+        **dot_types(X.dtype),
     )  # fmt: skip
     return states, sums, totals
 
@@ -209,29 +225,13 @@ def pass_states(
 # %% ../book/09_kernels.ipynb #45c6b682
 # fmt: off
 @triton.jit
-def chunk_outputs_kernel(
-    X, B, C, dt, Y, states, cums,  # pointers
-    l, h, r, p, n, Q, n_chunks, lo_at,  # sizes
-    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
-    sy_b, sy_l, sy_h, sy_p, sd_b, sd_l, sd_h,  # strides
-    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
+def head_outputs(
+    X, B, C, dt, states, cums, rows, pid_l, offs_l, offs_p, offs_n, lo_at,
+    sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
+    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
 ):
-    "Steps 4 and 1 for rows `offs_l` of one chunk `c` of one head, a tile of `p`."
-    pid, pid_l, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bi, c, hh = pid // (n_chunks * h), (pid // h) % n_chunks, pid % h
-    X += bi * sx_b + c * Q * sx_l + hh * sx_h
-    B += bi * sb_b + c * Q * sb_l + (hh // r) * sb_g
-    C += bi * sc_b + c * Q * sc_l + (hh // r) * sc_g
-    Y += bi * sy_b + c * Q * sy_l + hh * sy_h
-    dt += bi * sd_b + c * Q * sd_l + hh * sd_h
-    cums += (bi * h + hh) * n_chunks * Q + c * Q
-    states += ((bi * n_chunks + c) * h + hh) * p * n
-    rows = tl.minimum(Q, l - c * Q)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    "One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start."
     ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
     hi_l = tl.load(cums + offs_l, mask=ok_l, other=0.0)
     lo_l = tl.load(cums + lo_at + offs_l, mask=ok_l, other=0.0)
@@ -261,8 +261,60 @@ def chunk_outputs_kernel(
                      mask=ok_s[:, None] & ok_p[None, :], other=0.0)
         acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
                       out_dtype=ACC)
-    tl.store(Y + offs_l[:, None] * sy_l + offs_p[None, :] * sy_p,
-             acc.to(Y.dtype.element_ty), mask=ok_l[:, None] & ok_p[None, :])
+    return acc
+# fmt: on
+
+
+# %% ../book/09_kernels.ipynb #b7c1d2e3
+# fmt: off
+@triton.jit
+def chunk_outputs_kernel(
+    X, B, C, dt, Y, states, cums, W1, W2, dots,  # pointers
+    l, h, r, rx, heads, p, n, Q, n_chunks, lo_at,  # sizes
+    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+    sy_b, sy_l, sy_h, sy_p, sd_b, sd_l, sd_h, sw_b, sw_l, sw_h, sw_p,
+    so_k, so_t, so_b, so_h, so_l,  # strides
+    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_DT: tl.constexpr, STORE_Y: tl.constexpr,
+    N_W: tl.constexpr,
+):
+    """Steps 4 and 1 for rows `offs_l` of one chunk `c`, a tile of `p`: one head, or
+    the sum over `heads` heads (the backward pass's)."""
+    pid, pid_l, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hy = h // heads  # heads of Y
+    bi, c, yy = pid // (n_chunks * hy), (pid // hy) % n_chunks, pid % hy
+    rows = tl.minimum(Q, l - c * Q)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_L, BLOCK_P), ACC)
+    for hh in range(yy * heads, yy * heads + heads):
+        acc += head_outputs(
+            X + bi * sx_b + c * Q * sx_l + (hh // rx) * sx_h,
+            B + bi * sb_b + c * Q * sb_l + (hh // r) * sb_g,
+            C + bi * sc_b + c * Q * sc_l + (hh // r) * sc_g,
+            dt + bi * sd_b + c * Q * sd_l + hh * sd_h,
+            states + ((bi * n_chunks + c) * h + hh) * p * n,
+            cums + (bi * h + hh) * n_chunks * Q + c * Q,
+            rows, pid_l, offs_l, offs_p, offs_n, lo_at,
+            sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
+            BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT,
+        )
+    ok = (offs_l < rows)[:, None] & (offs_p < p)[None, :]
+    at = c * Q + offs_l[:, None]  # the rows' tokens
+    if STORE_Y:
+        tl.store(Y + bi * sy_b + at * sy_l + yy * sy_h + offs_p[None, :] * sy_p,
+                 acc.to(Y.dtype.element_ty), mask=ok)
+    # the backward pass's dot products over p of these rows with those of W1 (and W2)
+    dots += pid_p * so_t + bi * so_b + yy * so_h + (c * Q + offs_l) * so_l
+    at = bi * sw_b + at * sw_l + yy * sw_h + offs_p[None, :] * sw_p
+    if N_W > 0:
+        w = tl.load(W1 + at, mask=ok, other=0.0).to(ACC)
+        tl.store(dots, tl.sum(acc * w, 1), mask=offs_l < rows)
+    if N_W > 1:
+        w = tl.load(W2 + at, mask=ok, other=0.0).to(ACC)
+        tl.store(dots + so_k, tl.sum(acc * w, 1), mask=offs_l < rows)
 # fmt: on
 
 
@@ -276,24 +328,40 @@ def chunk_outputs(
     Q: int,
     dt: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    reverse: bool = False,
+    heads: int = 1,
+    W: tuple[Tensor, ...] = (),
+    store: bool = True,
     block: int = 64,
+    cols: int = 32,
     warps: int = 4,
-    stages: int = 2,
-) -> Tensor:
-    """Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each
-    chunk, in `out_dtype` (default: `X`'s)."""
-    (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
-    Y = torch.empty_like(X, dtype=out_dtype or X.dtype)
-    d = sums[0] if dt is None else dt  # a placeholder without dt
+    stages: int = 3,
+):
+    """Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each chunk,
+    in `out_dtype` (default: `X`'s); `reverse`: read and written last token first.
+
+    For the backward pass: with `heads`, `Y` summed over each `heads` heads, `(b, l, h /
+    heads, p)`; with one or two tensors `W` shaped as `Y`, also `Y`'s dot products with
+    them over `p`, `(len(W), b, h / heads, l)` in float32, returned as `(Y, dots)`
+    (`Y` None unless `store`)."""
+    (b, l, _, p), (g, n), (c, h) = X.shape, B.shape[2:], entering.shape[1:3]
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
-    chunk_outputs_kernel[(b * c * h, triton.cdiv(Q, BLOCK_L), triton.cdiv(p, BLOCK_P))](
-        X, B, C, d, Y, entering, sums, l, h, h // g, p, n, Q, c, sums[1].numel(),
-        *X.stride(), *B.stride(), *C.stride(), *Y.stride(), *d.stride(),
-        BLOCK_L=BLOCK_L, BLOCK_S=BLOCK_L, BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
-        HAS_DT=dt is not None, num_warps=warps, num_stages=stages,
-        **dot_types(X.dtype),
+    dots = sums.new_empty(len(W), triton.cdiv(p, BLOCK_P), b, h // heads, l)
+    Y = X.new_empty(b, l, h // heads, p, dtype=out_dtype or X.dtype) if store else dots
+    d = sums[0] if dt is None else dt  # a placeholder without dt
+    (X, sx), (B, sb), (C, sc), (d, sd) = (in_time(t, reverse) for t in (X, B, C, d))
+    (Yr, sy), (dots_r, so) = in_time(Y, reverse and store), in_time(dots, reverse, 4)
+    Ws = [in_time(w, reverse) for w in W] or [(Yr, sy)]
+    assert all(s == Ws[0][1] for _, s in Ws), "W's tensors must share their strides"
+    chunk_outputs_kernel[(b * c * h // heads, triton.cdiv(Q, BLOCK_L), dots.shape[1])](
+        X, B, C, d, Yr, entering, sums, Ws[0][0], Ws[-1][0], dots_r, l, h, h // g,
+        h // X.shape[2], heads, p, n, Q, c, sums[1].numel(), *sx, *sb, *sc,
+        *(sy if store else [0] * 4), *sd[:3], *Ws[0][1], *so,
+        BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
+        BLOCK_N=tile(n, 256), HAS_DT=dt is not None, STORE_Y=store, N_W=len(W),
+        num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
-    return Y
+    return (Y if store else None, dots.sum(1)) if W else Y
 
 
 # %% ../book/09_kernels.ipynb #9fe36697
@@ -306,71 +374,55 @@ def ssd_forward(
     initial_states: Tensor | None,
     dt: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    "The three kernels in order: `Y` (in `out_dtype`, default `X`'s), the final state."
-    states, sums, totals = chunk_states(X, A, B, Q, dt)
+    reverse: bool = False,
+    **outputs,
+) -> tuple:
+    """The three kernels in order: `Y` (in `out_dtype`, default `X`'s), the final state.
+    `reverse` and `outputs` (`heads`, `W`, `store`) are the backward pass's: they pass
+    to the kernels (`chunk_states`, `chunk_outputs`)."""
+    states, sums, totals = chunk_states(X, A, B, Q, dt, reverse)
     # kernel 3 rounds the entering states to X's type for its product: store them so
     entering, final = pass_states(states, totals, initial_states, X.dtype)
     del states  # freed before Y is allocated
-    return chunk_outputs(X, B, C, entering, sums, Q, dt, out_dtype), final
+    Y = chunk_outputs(X, B, C, entering, sums, Q, dt, out_dtype, reverse, **outputs)
+    return Y, final
 
 
 # %% ../book/09_kernels.ipynb #fcfb55a8
-def backward_in_time(t: Tensor) -> Tensor:
-    "`t: (b, l, ...)` with its tokens in reverse order."
-    return t.flip(1)
-
-
 def shifted_back(A: Tensor) -> Tensor:
     "The log-decays of the reversed sequence: `A'_i = A_{l-i}`, and `A'_0 = 0`."
-    return torch.cat([torch.zeros_like(A[:, :1]), backward_in_time(A)[:, :-1]], 1)
-
-
-def heads_summed(Z: Tensor, g: int) -> Tensor:
-    "`(b, l, h, n)` summed over the heads of each of `g` groups, in float32 or wider."
-    b, l, h, n = Z.shape
-    return Z.view(b, l, g, h // g, n).sum(
-        3, dtype=torch.promote_types(Z.dtype, torch.float32)
-    )
-
-
-def last_dot(a: Tensor, b: Tensor) -> Tensor:
-    "The dot products over the last axis, accumulated in float32 or wider."
-    wide = torch.promote_types(a.dtype, torch.float32)
-    return torch.einsum("...p,...p->...", a.to(wide), b.to(wide))
+    return torch.cat([torch.zeros_like(A[:, :1]), A.flip(1)[:, :-1]], 1)
 
 
 # %% ../book/09_kernels.ipynb #3a3a608e
 def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels,
     their outputs in float32 or wider."""
-    g, rev, A_rev = B.shape[2], backward_in_time, shifted_back(A)
-    r, wide = dY.shape[2] // g, torch.promote_types(X.dtype, torch.float32)
-    dY_rev, C_rev = rev(dY), rev(C)  # read by both runs backward in time
-    # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B, C swapped
-    dXe, ds0 = ssd_forward(dY_rev, A_rev, C_rev, rev(B), Q, dfinal, None, wide)
-    dXe = rev(dXe)
-    ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
-    # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: an SSD in which C_t is the input and
-    # dY_t the key, read with X_s, backward in time; one group per head
-    C_heads, dfinal_t = C_rev.repeat_interleave(r, 2), dfinal.transpose(-1, -2)
-    Z = rev(ssd_forward(C_heads, A_rev, dY_rev, rev(X), Q, dfinal_t, None, wide)[0])
-    dB = heads_summed(Z if dt is None else Z * dt[..., None], g)
-    del dY_rev, C_rev, C_heads, Z
-    # dC_t = sum_s decay (dY_t . X_s) B_s: the same forward in time, B_s the input
-    s0_t = None if s0 is None else s0.transpose(-1, -2)
-    Z = ssd_forward(B.repeat_interleave(r, 2), A, X, dY, Q, s0_t, dt, wide)[0]
-    dC = heads_summed(Z, g)
-    # dA: each log-decay scales every path through it. Y again, in float32, from the
-    # inputs x dt rounded as dX's run rounds them: the largest terms (s = t) then cancel
+    r, wide = A.shape[2] // B.shape[2], torch.promote_types(X.dtype, torch.float32)
+    A_rev = shifted_back(A)
+    # X dt rounded to X's type once: every run reads the inputs rounded alike, so the
+    # largest terms of dA's difference (s = t) cancel
     Xe = X if dt is None else (X * dt[..., None]).to(X.dtype)
-    Y, final = ssd_forward(Xe, A, B, C, Q, s0, None, wide)
-    d_sums = last_dot(dY, Y) - last_dot(Xe, dXe)  # (b, l, h)
-    d_sums[:, -1] += (dfinal * final).sum((-1, -2))
-    dA = rev(rev(d_sums).cumsum(1))
+    # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B, C swapped;
+    # with it Xe . dX (and x . dX for dt) over p
+    (dXe, sent), ds0 = ssd_forward(dY, A_rev, C, B, Q, dfinal, None, wide, True,
+                                   W=(Xe,) if dt is None else (Xe, X))  # fmt: skip
+    ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
+    # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: an SSD with C_t the input, dY_t the
+    # key, read with X_s, backward in time; one group per head, summed over the group's
+    dB = ssd_forward(C, A_rev, dY, Xe, Q, dfinal.mT, None, wide, True, heads=r)[0]
+    # dC_t = sum_{s <= t} decay (dY_t . X_s) B_s: the same forward in time, B_s the input
+    dC = ssd_forward(B, A, Xe, dY, Q, None if s0 is None else s0.mT, None, wide,
+                     heads=r)[0]  # fmt: skip
+    # dA: each log-decay scales every path through it. dY . Y, Y recomputed, not stored
+    (_, received), final = ssd_forward(Xe, A, B, C, Q, s0, None, wide, W=(dY,),
+                                       store=False)  # fmt: skip
+    d_sums = received[0] - sent[0]  # (b, h, l)
+    d_sums[..., -1] += (dfinal * final).sum((-1, -2))
+    dA = d_sums.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)  # sums over t >= k
     if dt is None:
         return dXe, dA, dB, dC, ds0, None
-    return dXe * dt[..., None], dA, dB, dC, ds0, last_dot(X, dXe)
+    return dXe * dt[..., None], dA, dB, dC, ds0, sent[1].transpose(1, 2)
 
 
 # %% ../book/09_kernels.ipynb #08109e69
