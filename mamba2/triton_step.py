@@ -137,8 +137,9 @@ def ssm_step(
         c.headdim, c.d_state, c.d_inner, c.ngroups * c.d_state, float(lo),
         min(float(hi), 3e38), zxbcdt.stride(0), *cs.stride(), w.stride(0),
         w.stride(2), *s.stride(), K=c.d_conv, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        BLOCK_K=triton.next_power_of_2(c.d_conv), HAS_BIAS=block.conv1d.bias is not None,
-        D_HAS_HDIM=c.D_has_hdim, CLAMP=(lo, hi) != (0.0, math.inf),
+        BLOCK_K=triton.next_power_of_2(c.d_conv),
+        HAS_BIAS=block.conv1d.bias is not None, D_HAS_HDIM=c.D_has_hdim,
+        CLAMP=(lo, hi) != (0.0, math.inf),
     )  # fmt: skip
     return y
 
@@ -167,7 +168,8 @@ def gated_norm_kernel(
     offs_n, k = tl.arange(0, BLOCK_N)[:, None], tl.arange(0, BLOCK_K)[None, :]
     for part in tl.static_range(2):  # B's channels of group j, then C's
         ch = d_inner + (part * g + j) * n + offs_n
-        at, inside = conv_state + bi * sc_b + ch * sc_c + k * sc_k, (offs_n < n) & (k < K)
+        at = conv_state + bi * sc_b + ch * sc_c + k * sc_k
+        inside = (offs_n < n) & (k < K)
         old = tl.load(at + sc_k, mask=inside & (k + 1 < K), other=0.0)
         new = tl.load(row + d_inner + ch, mask=offs_n < n, other=0.0)
         tl.store(at, tl.where(k == K - 1, new, old), mask=inside)
@@ -219,9 +221,9 @@ def check_kernels(weight: Tensor, cache: InferenceCache, name: str = "cache") ->
             )
     if weight.is_cuda == INTERPRETED:
         raise ValueError(
-            f"the kernels run CUDA tensors, or CPU tensors under Triton's interpreter "
-            f"(TRITON_INTERPRET=1 before Triton is first imported); got {weight.device} "
-            f"with the interpreter {'on' if INTERPRETED else 'off'}"
+            "the kernels run CUDA tensors, or CPU tensors under Triton's interpreter "
+            "(TRITON_INTERPRET=1 before Triton is first imported); got "
+            f"{weight.device} with the interpreter {'on' if INTERPRETED else 'off'}"
         )
 
 # %% ../book/10_decoding.ipynb #605d5d44
