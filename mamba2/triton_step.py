@@ -187,7 +187,7 @@ def gated_norm(
         block.norm.eps, zxbcdt.stride(0), *cs.stride(), K=c.d_conv,
         BLOCK_K=triton.next_power_of_2(c.d_conv), BLOCK=triton.next_power_of_2(size),
         BLOCK_N=triton.next_power_of_2(c.d_state),
-        NORM_BEFORE_GATE=block.norm.norm_before_gate,
+        NORM_BEFORE_GATE=block.norm.norm_before_gate, num_warps=8 if size > 1024 else 4,
     )  # fmt: skip
     return out
 
