@@ -183,11 +183,17 @@ def sweep(X, A, B, C, dt):
             dict(kernel="chunk_states", block=block, warps=warps, stages=stages, ms=ms)
         )
     st, sums, tot = chunk_states(X, A, B, Q, dt)
-    for block, warps in itertools.product((128, 256, 512), (1, 2)):
+    for block, chunks, warps in itertools.product(
+        (128, 256, 512), (1, 4, 8, 16), (1, 2, 4)
+    ):
         ms = do_bench(
-            lambda: pass_states(st, tot, None, X.dtype, block=block, warps=warps)
+            lambda: pass_states(
+                st, tot, None, X.dtype, block=block, chunks=chunks, warps=warps
+            )
         )
-        rows.append(dict(kernel="pass_states", block=block, warps=warps, ms=ms))
+        rows.append(
+            dict(kernel="pass_states", block=block, chunks=chunks, warps=warps, ms=ms)
+        )
     st, _ = pass_states(st, tot, None, X.dtype)
     knobs = itertools.product((64, 128), (16, 32, 64), (4, 8), (2, 3, 4))
     for block, cols, warps, stages in knobs:

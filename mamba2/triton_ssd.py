@@ -178,7 +178,8 @@ def chunk_states(
 @triton.jit
 def pass_states_kernel(
     states, totals, initial, entering, final, h, pn, n_chunks,
-    HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     "Step 3 for one head of one sequence, `BLOCK` of its `p * n` state entries."
     pid, pid_k = tl.program_id(0), tl.program_id(1)  # pid = bi * h + hh
@@ -187,15 +188,21 @@ def pass_states_kernel(
     S = tl.zeros((BLOCK,), ACC)
     if HAS_INITIAL:
         S += tl.load(initial + pid * pn + offs, mask=ok, other=0.0).to(ACC)
-    at = ((pid // h * n_chunks) * h + pid % h) * pn + offs  # chunk 0 of this head
-    new = tl.load(states + at, mask=ok, other=0.0)
-    for c in range(n_chunks):  # the state stays in registers from chunk to chunk
-        decay = tl.exp(tl.load(totals + pid * n_chunks + c))
-        more = tl.minimum(n_chunks - 1 - c, 1)  # 1 while a chunk follows, else 0
-        ahead = tl.load(states + at + h * pn, mask=offs < pn * more, other=0.0)
-        tl.store(entering + at, S.to(entering.dtype.element_ty), mask=ok)
-        S = decay * S + new
-        new, at = ahead, at + h * pn  # the next chunk's state, loaded a step early
+    first = ((pid // h * n_chunks) * h + pid % h) * pn + offs  # chunk 0 of this head
+    for c0 in range(0, n_chunks, K):  # K chunks a step, loaded at once
+        ks = c0 + tl.arange(0, K)
+        at = first[None, :] + ks[:, None] * (h * pn)  # (K, BLOCK)
+        okk = (ks < n_chunks)[:, None] & ok[None, :]
+        new = tl.load(states + at, mask=okk, other=0.0)
+        decay = tl.load(totals + pid * n_chunks + ks, mask=ks < n_chunks, other=0.0)
+        decay = tl.exp(decay)
+        out = tl.zeros((K, BLOCK), ACC)
+        for k in tl.static_range(K):  # the recurrence, the state in registers
+            row = tl.arange(0, K) == k
+            out = tl.where(row[:, None], S[None, :], out)  # entering chunk c0 + k
+            S = tl.sum(tl.where(row, decay, 0.0), 0) * S + tl.sum(
+                tl.where(row[:, None], new, 0.0), 0)
+        tl.store(entering + at, out.to(entering.dtype.element_ty), mask=okk)
     tl.store(final + pid * pn + offs, S, mask=ok)
 # fmt: on
 
@@ -206,17 +213,19 @@ def pass_states(
     initial_states: Tensor | None,
     dtype: torch.dtype | None = None,
     block: int = 256,
-    warps: int = 4,
+    chunks: int = 8,
+    warps: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """Kernel 2: the state entering each chunk, `(b, c, h, p, n)` in `dtype` (default:
-    the states'), and the final state `(b, h, p, n)` in the states' type."""
+    the states'), and the final state `(b, h, p, n)` in the states' type; `chunks` of
+    them loaded at once."""
     b, c, h, p, n = states.shape
     entering = states.new_empty(states.shape, dtype=dtype or states.dtype)
     final = states.new_empty(b, h, p, n)
     s0 = final if initial_states is None else initial_states.contiguous()
     pass_states_kernel[(b * h, triton.cdiv(p * n, block))](
         states, totals, s0, entering, final, h, p * n, c,
-        HAS_INITIAL=initial_states is not None, BLOCK=block,
+        HAS_INITIAL=initial_states is not None, BLOCK=block, K=chunks,
         ACC=dot_types(states.dtype)["ACC"], num_warps=warps,
     )  # fmt: skip
     return entering, final
@@ -276,8 +285,8 @@ def chunk_outputs_kernel(
     so_k, so_t, so_b, so_h, so_l,  # strides
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_DT: tl.constexpr, STORE_Y: tl.constexpr,
-    N_W: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_DT: tl.constexpr, DT_OUT: tl.constexpr,
+    STORE_Y: tl.constexpr, N_W: tl.constexpr,
 ):
     """Steps 4 and 1 for rows `offs_l` of one chunk `c`, a tile of `p`: one head, or
     the sum over `heads` heads (the backward pass's)."""
@@ -304,8 +313,12 @@ def chunk_outputs_kernel(
     ok = (offs_l < rows)[:, None] & (offs_p < p)[None, :]
     at = c * Q + offs_l[:, None]  # the rows' tokens
     if STORE_Y:
+        out = acc
+        if DT_OUT:  # dt scales the rows of Y instead of the inputs
+            out *= tl.load(dt + bi * sd_b + at * sd_l + yy * sd_h,
+                           mask=(offs_l < rows)[:, None], other=0.0).to(ACC)
         tl.store(Y + bi * sy_b + at * sy_l + yy * sy_h + offs_p[None, :] * sy_p,
-                 acc.to(Y.dtype.element_ty), mask=ok)
+                 out.to(Y.dtype.element_ty), mask=ok)
     # the backward pass's dot products over p of these rows with those of W1 (and W2)
     dots += pid_p * so_t + bi * so_b + yy * so_h + (c * Q + offs_l) * so_l
     at = bi * sw_b + at * sw_l + yy * sw_h + offs_p[None, :] * sw_p
@@ -332,6 +345,7 @@ def chunk_outputs(
     heads: int = 1,
     W: tuple[Tensor, ...] = (),
     store: bool = True,
+    dt_out: bool = False,
     block: int = 64,
     cols: int = 32,
     warps: int = 4,
@@ -343,7 +357,7 @@ def chunk_outputs(
     For the backward pass: with `heads`, `Y` summed over each `heads` heads, `(b, l, h /
     heads, p)`; with one or two tensors `W` shaped as `Y`, also `Y`'s dot products with
     them over `p`, `(len(W), b, h / heads, l)` in float32, returned as `(Y, dots)`
-    (`Y` None unless `store`)."""
+    (`Y` None unless `store`). `dt_out`: `dt` scales the rows of `Y`, not `X`."""
     (b, l, _, p), (g, n), (c, h) = X.shape, B.shape[2:], entering.shape[1:3]
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
     dots = sums.new_empty(len(W), triton.cdiv(p, BLOCK_P), b, h // heads, l)
@@ -358,7 +372,8 @@ def chunk_outputs(
         h // X.shape[2], heads, p, n, Q, c, sums[1].numel(), *sx, *sb, *sc,
         *(sy if store else [0] * 4), *sd[:3], *Ws[0][1], *so,
         BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
-        BLOCK_N=tile(n, 256), HAS_DT=dt is not None, STORE_Y=store, N_W=len(W),
+        BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_out,
+        DT_OUT=dt_out, STORE_Y=store, N_W=len(W),
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
     return (Y if store else None, dots.sum(1)) if W else Y
@@ -375,16 +390,19 @@ def ssd_forward(
     dt: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     reverse: bool = False,
+    dt_out: bool = False,
     **outputs,
 ) -> tuple:
     """The three kernels in order: `Y` (in `out_dtype`, default `X`'s), the final state.
-    `reverse` and `outputs` (`heads`, `W`, `store`) are the backward pass's: they pass
-    to the kernels (`chunk_states`, `chunk_outputs`)."""
-    states, sums, totals = chunk_states(X, A, B, Q, dt, reverse)
+    `reverse`, `dt_out` and `outputs` (`heads`, `W`, `store`) are the backward pass's:
+    they pass to the kernels (`chunk_states`, `chunk_outputs`)."""
+    states, sums, totals = chunk_states(X, A, B, Q, None if dt_out else dt, reverse)
     # kernel 3 rounds the entering states to X's type for its product: store them so
     entering, final = pass_states(states, totals, initial_states, X.dtype)
     del states  # freed before Y is allocated
-    Y = chunk_outputs(X, B, C, entering, sums, Q, dt, out_dtype, reverse, **outputs)
+    Y = chunk_outputs(
+        X, B, C, entering, sums, Q, dt, out_dtype, reverse, dt_out=dt_out, **outputs
+    )
     return Y, final
 
 
@@ -403,15 +421,26 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     # X dt rounded to X's type once: every run reads the inputs rounded alike, so the
     # largest terms of dA's difference (s = t) cancel
     Xe = X if dt is None else (X * dt[..., None]).to(X.dtype)
-    # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time, B, C swapped;
-    # with it Xe . dX (and x . dX for dt) over p
-    (dXe, sent), ds0 = ssd_forward(dY, A_rev, C, B, Q, dfinal, None, wide, True,
-                                   W=(Xe,) if dt is None else (Xe, X))  # fmt: skip
+    # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time with B and C
+    # swapped, and Xe . dX (and x . dX for dt) over p with it
+    (dX, sent), ds0 = ssd_forward(
+        dY,
+        A_rev,
+        C,
+        B,
+        Q,
+        dfinal,
+        dt,
+        X.dtype,
+        True,
+        W=(Xe,) if dt is None else (Xe, X),
+        dt_out=True,
+    )
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
     # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: an SSD with C_t the input, dY_t the
     # key, read with X_s, backward in time; one group per head, summed over the group's
     dB = ssd_forward(C, A_rev, dY, Xe, Q, dfinal.mT, None, wide, True, heads=r)[0]
-    # dC_t = sum_{s <= t} decay (dY_t . X_s) B_s: the same forward in time, B_s the input
+    # dC_t = sum_{s <= t} decay (dY_t . X_s) B_s: the same forward in time, B the input
     dC = ssd_forward(B, A, Xe, dY, Q, None if s0 is None else s0.mT, None, wide,
                      heads=r)[0]  # fmt: skip
     # dA: each log-decay scales every path through it. dY . Y, Y recomputed, not stored
@@ -420,9 +449,8 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     d_sums = received[0] - sent[0]  # (b, h, l)
     d_sums[..., -1] += (dfinal * final).sum((-1, -2))
     dA = d_sums.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)  # sums over t >= k
-    if dt is None:
-        return dXe, dA, dB, dC, ds0, None
-    return dXe * dt[..., None], dA, dB, dC, ds0, sent[1].transpose(1, 2)
+    ddt = None if dt is None else sent[1].transpose(1, 2)  # x . dX over p
+    return dX, dA, dB, dC, ds0, ddt
 
 
 # %% ../book/09_kernels.ipynb #08109e69
