@@ -178,8 +178,7 @@ def chunk_states(
 @triton.jit
 def pass_states_kernel(
     states, totals, initial, entering, final, h, pn, n_chunks,
-    HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     "Step 3 for one head of one sequence, `BLOCK` of its `p * n` state entries."
     pid, pid_k = tl.program_id(0), tl.program_id(1)  # pid = bi * h + hh
@@ -188,21 +187,15 @@ def pass_states_kernel(
     S = tl.zeros((BLOCK,), ACC)
     if HAS_INITIAL:
         S += tl.load(initial + pid * pn + offs, mask=ok, other=0.0).to(ACC)
-    first = ((pid // h * n_chunks) * h + pid % h) * pn + offs  # chunk 0 of this head
-    for c0 in range(0, n_chunks, K):  # K chunks a step, loaded at once
-        ks = c0 + tl.arange(0, K)
-        at = first[None, :] + ks[:, None] * (h * pn)  # (K, BLOCK)
-        okk = (ks < n_chunks)[:, None] & ok[None, :]
-        new = tl.load(states + at, mask=okk, other=0.0)
-        decay = tl.load(totals + pid * n_chunks + ks, mask=ks < n_chunks, other=0.0)
-        decay = tl.exp(decay)
-        out = tl.zeros((K, BLOCK), ACC)
-        for k in tl.static_range(K):  # the recurrence, the state in registers
-            row = tl.arange(0, K) == k
-            out = tl.where(row[:, None], S[None, :], out)  # entering chunk c0 + k
-            S = tl.sum(tl.where(row, decay, 0.0), 0) * S + tl.sum(
-                tl.where(row[:, None], new, 0.0), 0)
-        tl.store(entering + at, out.to(entering.dtype.element_ty), mask=okk)
+    at = ((pid // h * n_chunks) * h + pid % h) * pn + offs  # chunk 0 of this head
+    new = tl.load(states + at, mask=ok, other=0.0)
+    for c in range(n_chunks):  # the state stays in registers from chunk to chunk
+        decay = tl.exp(tl.load(totals + pid * n_chunks + c))
+        more = tl.minimum(n_chunks - 1 - c, 1)  # 1 while a chunk follows, else 0
+        ahead = tl.load(states + at + h * pn, mask=offs < pn * more, other=0.0)
+        tl.store(entering + at, S.to(entering.dtype.element_ty), mask=ok)
+        S = decay * S + new
+        new, at = ahead, at + h * pn  # the next chunk's state, loaded a step early
     tl.store(final + pid * pn + offs, S, mask=ok)
 # fmt: on
 
@@ -213,19 +206,17 @@ def pass_states(
     initial_states: Tensor | None,
     dtype: torch.dtype | None = None,
     block: int = 256,
-    chunks: int = 8,
     warps: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """Kernel 2: the state entering each chunk, `(b, c, h, p, n)` in `dtype` (default:
-    the states'), and the final state `(b, h, p, n)` in the states' type; `chunks` of
-    them loaded at once."""
+    the states'), and the final state `(b, h, p, n)` in the states' type."""
     b, c, h, p, n = states.shape
     entering = states.new_empty(states.shape, dtype=dtype or states.dtype)
     final = states.new_empty(b, h, p, n)
     s0 = final if initial_states is None else initial_states.contiguous()
     pass_states_kernel[(b * h, triton.cdiv(p * n, block))](
         states, totals, s0, entering, final, h, p * n, c,
-        HAS_INITIAL=initial_states is not None, BLOCK=block, K=chunks,
+        HAS_INITIAL=initial_states is not None, BLOCK=block,
         ACC=dot_types(states.dtype)["ACC"], num_warps=warps,
     )  # fmt: skip
     return entering, final
@@ -373,7 +364,7 @@ def chunk_outputs(
         *(sy if store else [0] * 4), *sd[:3], *Ws[0][1], *so,
         BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
         BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_out,
-        DT_OUT=dt_out, STORE_Y=store, N_W=len(W),
+        DT_OUT=dt is not None and dt_out, STORE_Y=store, N_W=len(W),
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
     return (Y if store else None, dots.sum(1)) if W else Y
