@@ -79,7 +79,9 @@ def main():
                             fn(u[:, : l - 37])
                             r["second_length_recompiled"] = False
                         except Exception as e:
-                            r["second_length_recompiled"] = f"{type(e).__name__}"
+                            r["second_length_recompiled"] = (
+                                f"{type(e).__name__}: {str(e)[:400]}"
+                            )
                 res["forward"].append(r)
                 print(json.dumps(r), flush=True)
         if shape in args.backward.split(","):
