@@ -230,6 +230,7 @@ def head_outputs(
     sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
+    ROW_DT: tl.constexpr,
 ):
     "One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start."
     ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
@@ -242,6 +243,9 @@ def head_outputs(
                 mask=ok_n[:, None] & ok_p[None, :], other=0.0)
     acc = tl.dot(Cl.to(DOT), S.to(Cl.dtype).to(DOT), input_precision=PRECISION,
                  out_dtype=ACC) * tl.exp(hi_l + lo_l)[:, None]
+    if ROW_DT:  # dt scales the rows t (the backward pass's), not the columns s
+        dt_l = tl.load(dt + offs_l * sd_l, mask=ok_l, other=0.0).to(ACC)[:, None]
+        acc *= dt_l
     # 1. (L * C B^T) X over the columns s <= t, a block of columns at a time
     for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, rows), BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -257,6 +261,8 @@ def head_outputs(
         M = CB * tl.exp(tl.where(keep, sums, -float("inf")))  # L, in registers
         if HAS_DT:
             M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
+        if ROW_DT:
+            M *= dt_l
         Xs = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=ok_s[:, None] & ok_p[None, :], other=0.0)
         acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
@@ -276,7 +282,7 @@ def chunk_outputs_kernel(
     so_k, so_t, so_b, so_h, so_l,  # strides
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_DT: tl.constexpr, DT_OUT: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_DT: tl.constexpr, ROW_DT: tl.constexpr,
     STORE_Y: tl.constexpr, N_W: tl.constexpr,
 ):
     """Steps 4 and 1 for rows `offs_l` of one chunk `c`, a tile of `p`: one head, or
@@ -299,17 +305,13 @@ def chunk_outputs_kernel(
             cums + (bi * h + hh) * n_chunks * Q + c * Q,
             rows, pid_l, offs_l, offs_p, offs_n, lo_at,
             sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
-            BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT,
+            BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT,
         )
     ok = (offs_l < rows)[:, None] & (offs_p < p)[None, :]
     at = c * Q + offs_l[:, None]  # the rows' tokens
     if STORE_Y:
-        out = acc
-        if DT_OUT:  # dt scales the rows of Y instead of the inputs
-            out *= tl.load(dt + bi * sd_b + at * sd_l + yy * sd_h,
-                           mask=(offs_l < rows)[:, None], other=0.0).to(ACC)
         tl.store(Y + bi * sy_b + at * sy_l + yy * sy_h + offs_p[None, :] * sy_p,
-                 out.to(Y.dtype.element_ty), mask=ok)
+                 acc.to(Y.dtype.element_ty), mask=ok)
     # the backward pass's dot products over p of these rows with those of W1 (and W2)
     dots += pid_p * so_t + bi * so_b + yy * so_h + (c * Q + offs_l) * so_l
     at = bi * sw_b + at * sw_l + yy * sw_h + offs_p[None, :] * sw_p
@@ -336,7 +338,7 @@ def chunk_outputs(
     heads: int = 1,
     W: tuple[Tensor, ...] = (),
     store: bool = True,
-    dt_out: bool = False,
+    dt_rows: bool = False,
     block: int = 64,
     cols: int = 32,
     warps: int = 4,
@@ -348,7 +350,8 @@ def chunk_outputs(
     For the backward pass: with `heads`, `Y` summed over each `heads` heads, `(b, l, h /
     heads, p)`; with one or two tensors `W` shaped as `Y`, also `Y`'s dot products with
     them over `p`, `(len(W), b, h / heads, l)` in float32, returned as `(Y, dots)`
-    (`Y` None unless `store`). `dt_out`: `dt` scales the rows of `Y`, not `X`."""
+    (`Y` None unless `store`). `dt_rows`: `dt` scales the rows of `M`, not the
+    columns."""
     (b, l, _, p), (g, n), (c, h) = X.shape, B.shape[2:], entering.shape[1:3]
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
     dots = sums.new_empty(len(W), triton.cdiv(p, BLOCK_P), b, h // heads, l)
@@ -363,8 +366,8 @@ def chunk_outputs(
         h // X.shape[2], heads, p, n, Q, c, sums[1].numel(), *sx, *sb, *sc,
         *(sy if store else [0] * 4), *sd[:3], *Ws[0][1], *so,
         BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
-        BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_out,
-        DT_OUT=dt is not None and dt_out, STORE_Y=store, N_W=len(W),
+        BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_rows,
+        ROW_DT=dt is not None and dt_rows, STORE_Y=store, N_W=len(W),
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
     return (Y if store else None, dots.sum(1)) if W else Y
@@ -381,18 +384,18 @@ def ssd_forward(
     dt: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     reverse: bool = False,
-    dt_out: bool = False,
+    dt_rows: bool = False,
     **outputs,
 ) -> tuple:
     """The three kernels in order: `Y` (in `out_dtype`, default `X`'s), the final state.
-    `reverse`, `dt_out` and `outputs` (`heads`, `W`, `store`) are the backward pass's:
+    `reverse`, `dt_rows` and `outputs` (`heads`, `W`, `store`) are the backward pass's:
     they pass to the kernels (`chunk_states`, `chunk_outputs`)."""
-    states, sums, totals = chunk_states(X, A, B, Q, None if dt_out else dt, reverse)
+    states, sums, totals = chunk_states(X, A, B, Q, None if dt_rows else dt, reverse)
     # kernel 3 rounds the entering states to X's type for its product: store them so
     entering, final = pass_states(states, totals, initial_states, X.dtype)
     del states  # freed before Y is allocated
     Y = chunk_outputs(
-        X, B, C, entering, sums, Q, dt, out_dtype, reverse, dt_out=dt_out, **outputs
+        X, B, C, entering, sums, Q, dt, out_dtype, reverse, dt_rows=dt_rows, **outputs
     )
     return Y, final
 
@@ -406,42 +409,37 @@ def shifted_back(A: Tensor) -> Tensor:
 # %% ../book/09_kernels.ipynb #3a3a608e
 def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels,
-    their outputs in float32 or wider."""
+    their outputs in float32 or wider (the gradient of `X` in its type)."""
     r, wide = A.shape[2] // B.shape[2], torch.promote_types(X.dtype, torch.float32)
     A_rev = shifted_back(A)
-    # X dt rounded to X's type once: every run reads the inputs rounded alike, so the
-    # largest terms of dA's difference (s = t) cancel
-    Xe = X if dt is None else (X * dt[..., None]).to(X.dtype)
+    # given dt, every run multiplies it in as the forward run did, before the rounding:
+    # the dX run rounds the same products as the Y run below, so that the largest terms
+    # of dA's difference (s = t) cancel. It scales its rows by dt (dx = dt dX); kept
+    # off zero there, so that x . dX = (x . dx) / dt
+    dt_ = None if dt is None else dt.to(wide).masked_fill(dt == 0, 1e-30)
     # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time with B and C
-    # swapped, and Xe . dX (and x . dX for dt) over p with it
-    (dX, sent), ds0 = ssd_forward(
-        dY,
-        A_rev,
-        C,
-        B,
-        Q,
-        dfinal,
-        dt,
-        X.dtype,
-        True,
-        W=(Xe,) if dt is None else (Xe, X),
-        dt_out=True,
+    # swapped, with x . dx over p
+    (dx, sent), ds0 = ssd_forward(
+        dY, A_rev, C, B, Q, dfinal, dt_, X.dtype, True, W=(X,), dt_rows=True
     )
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
     # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: an SSD with C_t the input, dY_t the
-    # key, read with X_s, backward in time; one group per head, summed over the group's
-    dB = ssd_forward(C, A_rev, dY, Xe, Q, dfinal.mT, None, wide, True, heads=r)[0]
+    # key, read with X_s (rows times dt), backward in time, summed over a group's heads
+    dB = ssd_forward(
+        C, A_rev, dY, X, Q, dfinal.mT, dt, wide, True, heads=r, dt_rows=True
+    )[0]
     # dC_t = sum_{s <= t} decay (dY_t . X_s) B_s: the same forward in time, B the input
-    dC = ssd_forward(B, A, Xe, dY, Q, None if s0 is None else s0.mT, None, wide,
-                     heads=r)[0]  # fmt: skip
+    s0_t = None if s0 is None else s0.mT
+    dC = ssd_forward(B, A, X, dY, Q, s0_t, dt, wide, heads=r)[0]
     # dA: each log-decay scales every path through it. dY . Y, Y recomputed, not stored
-    (_, received), final = ssd_forward(Xe, A, B, C, Q, s0, None, wide, W=(dY,),
-                                       store=False)  # fmt: skip
-    d_sums = received[0] - sent[0]  # (b, h, l)
+    (_, received), final = ssd_forward(
+        X, A, B, C, Q, s0, dt, wide, W=(dY,), store=False
+    )
+    sent = sent[0] if dt is None else sent[0] / dt_.transpose(1, 2)  # x . dX
+    d_sums = received[0] - sent * (1 if dt is None else dt.transpose(1, 2))
     d_sums[..., -1] += (dfinal * final).sum((-1, -2))
     dA = d_sums.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)  # sums over t >= k
-    ddt = None if dt is None else sent[1].transpose(1, 2)  # x . dX over p
-    return dX, dA, dB, dC, ds0, ddt
+    return dx, dA, dB, dC, ds0, None if dt is None else sent.transpose(1, 2)
 
 
 # %% ../book/09_kernels.ipynb #08109e69
