@@ -78,11 +78,11 @@ def test_length_zero_returns_initial_state(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_float32_long_sequence_is_stable(impl):
     "65,536 steps with Mamba-2-like decays: float32 stays finite and within 1e-4 of float64."
-    # Triton's interpreter runs one program at a time: 8,192 steps there (a minute saved)
+    # Triton's interpreter runs one program at a time: 4,096 steps there (minutes saved)
     interpreted = impl == "triton" and not torch.cuda.is_available()
     X, A, B, C, s0 = random_inputs(
         b=1,
-        l=8192 if interpreted else 65536,
+        l=4096 if interpreted else 65536,
         h=2,
         p=4,
         g=1,
