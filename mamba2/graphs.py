@@ -28,6 +28,8 @@ def _use_kernels(model: Mamba2LMHeadModel, kernels: bool | None = None) -> bool:
     where they run (Triton installed, a CUDA model, not float64)."""
     if not isinstance(kernels, (bool, type(None))):
         raise TypeError(f"kernels must be None or a bool, got {kernels!r}")
+    if kernels and not has_triton():
+        raise ValueError("kernels=True needs Triton, which is not installed here")
     if kernels is None:
         w = model.lm_head.weight
         kernels = w.is_cuda and w.dtype != torch.float64 and has_triton()

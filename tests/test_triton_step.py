@@ -228,6 +228,10 @@ def test_the_package_imports_without_triton():
         "c = mamba2.Mamba2Config(d_model=16, n_layer=1, d_state=8, headdim=8, vocab_size=20)\n"
         "m = mamba2.Mamba2LMHeadModel(c)\n"
         "assert _use_kernels(m) is False\n"
+        "try:\n"
+        "    _use_kernels(m, kernels=True)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
         "print(m.generate(torch.tensor([[1, 2]]), 3, temperature=0).shape)\n"
         "try:\n"
         "    import mamba2.triton_step\n"
@@ -239,6 +243,9 @@ def test_the_package_imports_without_triton():
     )
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 5])" in out.stdout and "no kernels" in out.stdout
+    assert (
+        "kernels=True needs Triton" in out.stdout
+    )  # asked for, and not there: said so
 
 
 # ---- on a GPU: the graph captures the kernels ------------------------------------------------------------------
