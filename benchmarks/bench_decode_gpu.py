@@ -13,7 +13,8 @@ the variants interleaved so that they see the same machine; tokens/s = batch * n
 `ours_graph` replays the plain step (chapter 7, `kernels=False`); `ours_kernels` replays chapter 10's fused step
 (`generate`'s default on a GPU with Triton), from another handle on the same model so that each keeps its graph.
 Also: the kernels one step launches (torch.profiler), plain and fused, and the time of one step launched kernel
-by kernel and replayed from the graph, for both. Without mamba_ssm importable, ours alone is measured and the
+by kernel and replayed from the graph, for both; and the prompt's time alone (64 and 100 tokens), the forward
+pass launched op by op against `GraphedStep.prefill` (whole 64-token pieces from a graph, the rest a step each). Without mamba_ssm importable, ours alone is measured and the
 reason is recorded; without Triton, the fused variant is left out and the reason recorded.
 """
 
@@ -230,6 +231,30 @@ def step_costs(model, batch, kernels=False, steps=50):
     return dict(kernels=n_kernels, copies=copies, eager_ms=eager, graph_ms=replay)
 
 
+@torch.inference_mode()
+def prefill_costs(model, batch, lengths=(PROMPT, PROMPT + 36), calls=10):
+    """ms to bring a prompt into the cache and give its last logits: the forward pass
+    launched op by op (as without graphs), and `GraphedStep.prefill` (whole pieces
+    from a graph of the forward pass, the rest a replayed step each); and how far
+    apart their logits are (relative, bfloat16)."""
+    graphed, out = GraphedStep(model, batch), {}
+    for length in lengths:
+        ids = torch.randint(1, VOCAB, (batch, length), device="cuda")
+
+        def eager():
+            cache = model.allocate_cache(batch)
+            return model.lm_head(model.hidden_states(ids, cache)[:, -1])
+
+        want, got = eager(), graphed.prefill(model, ids).clone()  # warm-up, capture
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        out[str(length)] = dict(
+            eager_ms=round(ms_per_call(eager, calls), 3),
+            graph_ms=round(ms_per_call(lambda: graphed.prefill(model, ids), calls), 3),
+            rel_err_logits=round(err, 5),
+        )
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,16")
@@ -284,6 +309,8 @@ def main():
             },
         )
     print(json.dumps(res["step"]), flush=True)
+    res["prefill"] = {str(b): prefill_costs(ours, b) for b in batches}
+    print("prefill", json.dumps(res["prefill"]), flush=True)
     for b in batches:
         ids = torch.randint(1, VOCAB, (b, PROMPT), device="cuda", generator=None)
         fs = variants(ours, theirs, args.new)

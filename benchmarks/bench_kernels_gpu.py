@@ -11,7 +11,8 @@ variant computes `(x, dt, a, B, C) -> (Y, final_state)` with `X = x dt`, `A = dt
 For each: the relative error against chapter 4's `ssd_chunked` in float64, the median time of a
 call (`triton.testing.do_bench`), the peak memory above the inputs, and the first call's time
 (Triton's compilation). At (8, 4k) also forward + backward (gradients of x, dt, B, C) and each
-kernel's own time; `--sweep` times tile sizes of the two big kernels. mamba_ssm comes from its
+kernel's own time (also at (1, 64k)); `--sweep` times tile sizes (the state passing at
+every shape). mamba_ssm comes from its
 source package (`run_gpu.sh` puts it on the path; no compiled extension is needed).
 """
 
@@ -107,20 +108,24 @@ def main():
             print(json.dumps(r), flush=True)
         del ref
         torch.cuda.empty_cache()
-        if shape == "8x4k":
+        if shape in ("8x4k", "1x64k"):
             st, sums, tot = chunk_states(X, A, B, Q, dt)
             entering, _ = pass_states(st, tot, None, X.dtype)
-            res["kernels_ms"] = {
+            res.setdefault("kernels_ms_by_shape", {})[shape] = {
                 "chunk_states": do_bench(lambda: chunk_states(X, A, B, Q, dt)),
                 "pass_states": do_bench(lambda: pass_states(st, tot, None, X.dtype)),
                 "chunk_outputs": do_bench(
                     lambda: chunk_outputs(X, B, C, entering, sums, Q, dt)
                 ),
             }
-            print("kernels", res["kernels_ms"], flush=True)
+            print("kernels", shape, res["kernels_ms_by_shape"][shape], flush=True)
+            if shape == "8x4k":  # the chapter's table
+                res["kernels_ms"] = res["kernels_ms_by_shape"][shape]
+            del st, sums, tot, entering
+        if shape == "8x4k":
             res["backward"] = backward(fns, x, dt, a, B, C)
-            if args.sweep:
-                res["sweep"] = sweep(X, A, B, C, dt)
+        if args.sweep:
+            res.setdefault("sweep", []).extend(sweep(X, A, B, C, dt, shape))
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     print(f"{'shape':6s} {'variant':15s} {'ms':>7s} {'x kernel':>8s} {'MiB':>7s} "
@@ -170,30 +175,31 @@ def backward(fns, x, dt, a, B, C):
     return out
 
 
-def sweep(X, A, B, C, dt):
-    "Tile sizes, warps and stages of the kernels at one shape."
+def sweep(X, A, B, C, dt, shape):
+    """Tile sizes, warps and stages of the kernels at one shape: all three at (8, 4k),
+    the state passing alone elsewhere (its programs are few at one long sequence)."""
     rows = []
-    for block, warps, stages in itertools.product((32, 64), (2, 4), (1, 2, 3)):
-        ms = do_bench(
-            lambda: chunk_states(
-                X, A, B, Q, dt, block=block, warps=warps, stages=stages
+    if shape == "8x4k":
+        for block, warps, stages in itertools.product((32, 64), (2, 4), (1, 2, 3)):
+            ms = do_bench(
+                lambda: chunk_states(
+                    X, A, B, Q, dt, block=block, warps=warps, stages=stages
+                )
             )
-        )
-        rows.append(
-            dict(kernel="chunk_states", block=block, warps=warps, stages=stages, ms=ms)
-        )
+            rows.append(
+                dict(kernel="chunk_states", block=block, warps=warps, stages=stages,
+                     ms=ms, shape=shape)
+            )  # fmt: skip
     st, sums, tot = chunk_states(X, A, B, Q, dt)
-    for block, chunks, warps in itertools.product(
-        (128, 256, 512), (1, 4, 8, 16), (1, 2, 4)
-    ):
+    for block, warps in itertools.product((64, 128, 256, 512), (1, 2, 4)):
         ms = do_bench(
-            lambda: pass_states(
-                st, tot, None, X.dtype, block=block, chunks=chunks, warps=warps
-            )
+            lambda: pass_states(st, tot, None, X.dtype, block=block, warps=warps)
         )
         rows.append(
-            dict(kernel="pass_states", block=block, chunks=chunks, warps=warps, ms=ms)
+            dict(kernel="pass_states", block=block, warps=warps, ms=ms, shape=shape)
         )
+    if shape != "8x4k":
+        return rows
     st, _ = pass_states(st, tot, None, X.dtype)
     knobs = itertools.product((64, 128), (16, 32, 64), (4, 8), (2, 3, 4))
     for block, cols, warps, stages in knobs:
@@ -219,7 +225,7 @@ def sweep(X, A, B, C, dt):
             ms = f"{type(e).__name__}"
         rows.append(
             dict(kernel="chunk_outputs", block=block, cols=cols, warps=warps,
-                 stages=stages, ms=ms)
+                 stages=stages, ms=ms, shape=shape)
         )  # fmt: skip
     for r in rows:
         print("sweep", r, flush=True)

@@ -182,17 +182,18 @@ def _tokens(
     if not max_new_tokens:
         return
     b, vocab, eos = len(input_ids), model.config.vocab_size, eos_token_id
-    cache = model.allocate_cache(b)
-    logits = model.lm_head(model.hidden_states(input_ids, cache)[:, -1])
     if cuda_graph is None:
         cuda_graph = input_ids.is_cuda and b > 0 and max_new_tokens > 1
-    if cuda_graph:
-        steps = graphed_step(model, cache)
-    else:  # the sampled tokens are ids < vocab: the step's checks have nothing to find
-        steps = nullcontext(partial(model.next_logits, cache=cache))
     ok = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     finished = torch.zeros_like(ok)
-    with steps as step:
+    with graphed_step(model, b) if cuda_graph else nullcontext() as graph:
+        if graph is None:  # the prompt in one pass, then a step a token
+            cache = model.allocate_cache(b)
+            logits = model.lm_head(model.hidden_states(input_ids, cache)[:, -1])
+            # the sampled tokens are ids < vocab: the step's checks have nothing to find
+            step = partial(model.next_logits, cache=cache)
+        else:  # the prompt and then each token replayed from graphs
+            logits, step = graph.prefill(model, input_ids), graph
         for i in range(max_new_tokens):
             logits, last = logits[:, :vocab], i + 1 == max_new_tokens
             ok &= _valid_rows(logits)

@@ -7,7 +7,7 @@ __all__ = ["GraphedStep", "graphed_step"]
 import weakref
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -36,36 +36,49 @@ def _use_kernels(model: Mamba2LMHeadModel, kernels: bool | None = None) -> bool:
     return kernels
 
 
+def _captured(warm: Callable, run: Callable) -> tuple:
+    "`run` captured in a CUDA graph after two runs of `warm`: the graph, its output."
+    side = torch.cuda.Stream()  # warm up off the main stream, as capture wants
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            warm()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 class GraphedStep:
     """`model.next_logits` for one batch size, captured once in a CUDA graph and
     replayed after: one launch instead of one per kernel. The graph reads and updates
-    tensors of its own, `token` and `cache`: `load` a prefilled cache into it first.
-    `kernels`: capture chapter 10's step instead (None: where it runs)."""
+    tensors of its own, `token` and `cache`: `prefill` a prompt into them (or `load` a
+    prefilled cache). `kernels`: capture chapter 10's step instead (None: where it
+    runs). `piece`: the prompt's tokens a graph of the forward pass takes at once."""
 
     @torch.inference_mode()
     def __init__(
-        self, model: Mamba2LMHeadModel, batch: int, kernels: bool | None = None
+        self,
+        model: Mamba2LMHeadModel,
+        batch: int,
+        kernels: bool | None = None,
+        piece: int = 64,
     ):
         self.cache, self.weights, self.busy = model.allocate_cache(batch), (), False
         device = self.cache[0].ssm_state.device
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.kernels, step = _use_kernels(model, kernels), model.next_logits
+        self.piece, self.prompt = piece, None  # the forward pass's graph: at first use
         if self.kernels:  # imported here: Triton is optional
             from mamba2 import triton_step
 
             step = partial(triton_step.step, model)  # checked at the warm-up
-        run = lambda: step(self.token, self.cache)  # noqa: E731
-        side = torch.cuda.Stream()  # warm up off the main stream, as capture wants
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        if self.kernels:  # the graph: no checks, which would wait for the device
-            step = partial(triton_step.next_logits, model)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = run()
+            # the graph: no checks, which would wait for the device
+            run = partial(triton_step.next_logits, model, self.token, self.cache)
+        else:
+            run = partial(step, self.token, self.cache)
+        self.graph, self.logits = _captured(partial(step, self.token, self.cache), run)
         self.weights = _weights(model)  # no reference to the model itself is kept
 
     @torch.inference_mode()
@@ -82,18 +95,42 @@ class GraphedStep:
         self.graph.replay()
         return self.logits  # overwritten by the next replay
 
+    @torch.inference_mode()
+    def prefill(self, model: Mamba2LMHeadModel, input_ids: Tensor) -> Tensor:
+        """The logits `(b, vocab)` after `input_ids: (b, l)` from the empty state, the
+        cache left after them: whole pieces by a graph of the forward pass (captured at
+        the first), the rest a step a token."""
+        whole = input_ids.shape[1] // self.piece * self.piece
+        if whole and self.prompt is None:
+            ids = input_ids.new_zeros(len(self.token), self.piece)
+
+            def last() -> Tensor:  # ids checked by the caller: no look at the device
+                hidden = model.run_layers(model._residual(ids), self.cache)
+                return model.lm_head(hidden[:, -1])
+
+            self.ids, self.prompt = ids, _captured(last, last)
+        for c in self.cache:  # the empty state (the warm-up above wrote to it)
+            c.conv_state.zero_(), c.ssm_state.zero_()
+        for at in range(0, whole, self.piece):
+            self.ids.copy_(input_ids[:, at : at + self.piece])
+            self.prompt[0].replay()
+        logits = self.prompt[1] if whole else None
+        for token in input_ids[:, whole:].unbind(1):
+            logits = self(token)
+        return logits
+
 
 _KEPT = weakref.WeakKeyDictionary()  # a model -> its last GraphedStep
 
 
 @contextmanager
 def graphed_step(
-    model: Mamba2LMHeadModel, cache: list, kernels: bool | None = None
+    model: Mamba2LMHeadModel, batch: int, kernels: bool | None = None
 ) -> Iterator[GraphedStep]:
-    """The model's `GraphedStep` for the batch of `cache`, with `cache` loaded into it.
-    The last one made for a model is kept for the next call, while its batch size,
-    weights' places and `kernels` still fit; one in use by another is not shared."""
-    batch, kept = len(cache[0].ssm_state), _KEPT.get(model)
+    """The model's `GraphedStep` for `batch` sequences. The last one made for a model
+    is kept for the next call, while its batch size, weights' places and `kernels`
+    still fit; one in use by another is not shared."""
+    kept = _KEPT.get(model)
     kernels = _use_kernels(model, kernels)
     fits = kept is not None and not kept.busy and len(kept.token) == batch
     fits = fits and kept.kernels == kernels
@@ -102,7 +139,6 @@ def graphed_step(
         step = GraphedStep(model, batch, kernels)
         if kept is None or not kept.busy:
             _KEPT[model] = step
-    step.load(cache)
     step.busy = True
     try:
         yield step

@@ -146,7 +146,14 @@ class Mamba2LMHeadModel(nn.Module):
         residual = self._embed(input_ids)
         if cache is not None:
             self._check_cache(cache, len(input_ids))
-        layers = self.backbone.layers if len(input_ids) else []  # empty batch: no work
+        return self.run_layers(residual, cache)
+
+    def run_layers(
+        self, residual: Tensor, cache: list[InferenceCache] | None = None
+    ) -> Tensor:
+        """`hidden_states` after the embedding `residual: (b, l, d_model)`, without the
+        checks: what a CUDA graph can capture (`GraphedStep.prefill`)."""
+        layers = self.backbone.layers if len(residual) else []  # empty batch: no work
         for i, layer in enumerate(layers):
             residual = layer(residual, cache=None if cache is None else cache[i])
         return self.backbone.norm_f(residual)

@@ -3,6 +3,7 @@
 # %% auto #0
 __all__ = [
     "INTERPRETED",
+    "round_like_a_gpu",
     "chunk_states_kernel",
     "dot_types",
     "tile",
@@ -39,6 +40,32 @@ import triton.language as tl  # noqa: E402
 from .chunked import check_chunk_size  # noqa: E402
 from .fast import ssd_fast  # noqa: E402
 from .scan import check_ssd_inputs  # noqa: E402
+
+
+# %% ../book/09_kernels.ipynb #4f1c9d2e
+def round_like_a_gpu() -> None:
+    "Make Triton's interpreter round float32 to bfloat16 to the nearest, as a GPU does."
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    cut = getattr(builder, "cast_impl", None)  # left alone where Triton has no such
+    if cut is None or getattr(cut, "rounds", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if (src.dtype.scalar, dst_type.scalar) != (tl.float32, tl.bfloat16):
+            return cut(self, src, dst_type)
+        x = torch.from_numpy(src.data.astype("float32", copy=True)).bfloat16()
+        return interpreter.TensorHandle(
+            x.view(torch.int16).numpy().view("uint16"), tl.bfloat16
+        )
+
+    cast_impl.rounds = True
+    builder.cast_impl = cast_impl
+
+
+if INTERPRETED:
+    round_like_a_gpu()
 
 
 # %% ../book/09_kernels.ipynb #e8ee16bd
@@ -187,15 +214,18 @@ def pass_states_kernel(
     S = tl.zeros((BLOCK,), ACC)
     if HAS_INITIAL:
         S += tl.load(initial + pid * pn + offs, mask=ok, other=0.0).to(ACC)
+    step = h * pn  # from one chunk's state to the next's
     at = ((pid // h * n_chunks) * h + pid % h) * pn + offs  # chunk 0 of this head
     new = tl.load(states + at, mask=ok, other=0.0)
+    ahead = tl.load(states + at + step, mask=offs < pn * tl.minimum(n_chunks - 1, 1), other=0.0)
+    later = tl.load(states + at + 2 * step, mask=offs < pn * tl.minimum(n_chunks - 2, 1), other=0.0)
     for c in range(n_chunks):  # the state stays in registers from chunk to chunk
+        more = tl.minimum(n_chunks - 3 - c, 1)  # 1 while chunk c + 3 exists, else <= 0
+        last = tl.load(states + at + 3 * step, mask=offs < pn * more, other=0.0)
         decay = tl.exp(tl.load(totals + pid * n_chunks + c))
-        more = tl.minimum(n_chunks - 1 - c, 1)  # 1 while a chunk follows, else 0
-        ahead = tl.load(states + at + h * pn, mask=offs < pn * more, other=0.0)
         tl.store(entering + at, S.to(entering.dtype.element_ty), mask=ok)
         S = decay * S + new
-        new, at = ahead, at + h * pn  # the next chunk's state, loaded a step early
+        new, ahead, later, at = ahead, later, last, at + step  # loaded 3 steps early
     tl.store(final + pid * pn + offs, S, mask=ok)
 # fmt: on
 
