@@ -55,7 +55,7 @@ class GraphedStep:
     replayed after: one launch instead of one per kernel. The graph reads and updates
     tensors of its own, `token` and `cache`: `prefill` a prompt into them (or `load` a
     prefilled cache). `kernels`: capture chapter 10's step instead (None: where it
-    runs). `piece`: the prompt's tokens a graph of the forward pass takes at once."""
+    runs). `pieces`: the lengths of prompt that graphs of the forward pass take."""
 
     @torch.inference_mode()
     def __init__(
@@ -63,13 +63,13 @@ class GraphedStep:
         model: Mamba2LMHeadModel,
         batch: int,
         kernels: bool | None = None,
-        piece: int = 64,
+        pieces: tuple[int, ...] = (64, 16),
     ):
         self.cache, self.weights, self.busy = model.allocate_cache(batch), (), False
         device = self.cache[0].ssm_state.device
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.kernels, step = _use_kernels(model, kernels), model.next_logits
-        self.piece, self.prompt = piece, None  # the forward pass's graph: at first use
+        self.pieces, self.prompt = sorted(pieces, reverse=True), {}  # graphs: when used
         if self.kernels:  # imported here: Triton is optional
             from mamba2 import triton_step
 
@@ -98,25 +98,37 @@ class GraphedStep:
     @torch.inference_mode()
     def prefill(self, model: Mamba2LMHeadModel, input_ids: Tensor) -> Tensor:
         """The logits `(b, vocab)` after `input_ids: (b, l)` from the empty state, the
-        cache left after them: whole pieces by a graph of the forward pass (captured at
-        the first), the rest a step a token."""
-        whole = input_ids.shape[1] // self.piece * self.piece
-        if whole and self.prompt is None:
-            ids = input_ids.new_zeros(len(self.token), self.piece)
+        cache left after them: the longest pieces first, each by a graph of the forward
+        pass over that many tokens (captured at its first use), the rest a step a token."""
+        for c in self.cache:  # the empty state
+            c.conv_state.zero_(), c.ssm_state.zero_()
+        at, logits = 0, None
+        for size in self.pieces:
+            while input_ids.shape[1] - at >= size:
+                logits = self._piece(model, size, input_ids[:, at : at + size])
+                at += size
+        for token in input_ids[:, at:].unbind(1):
+            logits = self(token)
+        return logits
+
+    def _piece(self, model: Mamba2LMHeadModel, size: int, ids: Tensor) -> Tensor:
+        "The graph of the forward pass over `size` tokens replayed on `ids`."
+        if size not in self.prompt:
+            mine, kept = (
+                ids.clone(),
+                [(c.conv_state.clone(), c.ssm_state.clone()) for c in self.cache],
+            )
 
             def last() -> Tensor:  # ids checked by the caller: no look at the device
-                hidden = model.run_layers(model._residual(ids), self.cache)
+                hidden = model.run_layers(model._residual(mine), self.cache)
                 return model.lm_head(hidden[:, -1])
 
-            self.ids, self.prompt = ids, _captured(last, last)
-        for c in self.cache:  # the empty state (the warm-up above wrote to it)
-            c.conv_state.zero_(), c.ssm_state.zero_()
-        for at in range(0, whole, self.piece):
-            self.ids.copy_(input_ids[:, at : at + self.piece])
-            self.prompt[0].replay()
-        logits = self.prompt[1] if whole else None
-        for token in input_ids[:, whole:].unbind(1):
-            logits = self(token)
+            self.prompt[size] = mine, *_captured(last, last)
+            for c, (conv, ssm) in zip(self.cache, kept):  # as before the warm-up
+                c.conv_state.copy_(conv), c.ssm_state.copy_(ssm)
+        mine, graph, logits = self.prompt[size]
+        mine.copy_(ids)
+        graph.replay()
         return logits
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "chunk_outputs",
     "ssd_forward",
     "shifted_back",
+    "d_log_decays",
     "ssd_backward",
     "SSDKernels",
     "ssd_triton",
@@ -26,6 +27,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # no GPU: Triton's interpreter runs the kernels. Triton reads the switch when it is
@@ -204,8 +206,9 @@ def chunk_states(
 # fmt: off
 @triton.jit
 def pass_states_kernel(
-    states, totals, initial, entering, final, h, pn, n_chunks,
-    HAS_INITIAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    states, totals, initial, entering, final, partner, dots, h, pn, n_chunks,
+    HAS_INITIAL: tl.constexpr, HAS_PARTNER: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     "Step 3 for one head of one sequence, `BLOCK` of its `p * n` state entries."
     pid, pid_k = tl.program_id(0), tl.program_id(1)  # pid = bi * h + hh
@@ -224,6 +227,11 @@ def pass_states_kernel(
         last = tl.load(states + at + 3 * step, mask=offs < pn * more, other=0.0)
         decay = tl.exp(tl.load(totals + pid * n_chunks + c))
         tl.store(entering + at, S.to(entering.dtype.element_ty), mask=ok)
+        if HAS_PARTNER:  # the backward pass's: S . the state entering n_chunks - 1 - c
+            there = at + (n_chunks - 1 - 2 * c) * step
+            w = tl.load(partner + there, mask=ok, other=0.0)
+            k = (pid * tl.num_programs(1) + pid_k) * n_chunks + c
+            tl.store(dots + k, tl.sum(S * w.to(ACC), 0))
         S = decay * S + new
         new, ahead, later, at = ahead, later, last, at + step  # loaded 3 steps early
     tl.store(final + pid * pn + offs, S, mask=ok)
@@ -235,21 +243,27 @@ def pass_states(
     totals: Tensor,
     initial_states: Tensor | None,
     dtype: torch.dtype | None = None,
+    partner: Tensor | None = None,
     block: int = 256,
     warps: int = 2,
-) -> tuple[Tensor, Tensor]:
+) -> tuple:
     """Kernel 2: the state entering each chunk, `(b, c, h, p, n)` in `dtype` (default:
-    the states'), and the final state `(b, h, p, n)` in the states' type."""
+    the states'), and the final state `(b, h, p, n)` in the states' type. With a
+    `partner` shaped as the states (the backward pass's), also the dot products of the
+    state entering chunk `k` with the partner's entering chunk `c - 1 - k`, `(b, h, c)`."""
     b, c, h, p, n = states.shape
     entering = states.new_empty(states.shape, dtype=dtype or states.dtype)
     final = states.new_empty(b, h, p, n)
     s0 = final if initial_states is None else initial_states.contiguous()
-    pass_states_kernel[(b * h, triton.cdiv(p * n, block))](
-        states, totals, s0, entering, final, h, p * n, c,
-        HAS_INITIAL=initial_states is not None, BLOCK=block,
+    grid = (b * h, triton.cdiv(p * n, block))
+    dots = final.new_zeros(b, h, grid[1], c)
+    pass_states_kernel[grid](
+        states, totals, s0, entering, final, final if partner is None else partner,
+        dots, h, p * n, c, HAS_INITIAL=initial_states is not None,
+        HAS_PARTNER=partner is not None, BLOCK=block,
         ACC=dot_types(states.dtype)["ACC"], num_warps=warps,
     )  # fmt: skip
-    return entering, final
+    return (entering, final) if partner is None else (entering, final, dots.sum(2))
 
 
 # %% ../book/09_kernels.ipynb #45c6b682
@@ -262,7 +276,8 @@ def head_outputs(
     DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
     ROW_DT: tl.constexpr,
 ):
-    "One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start."
+    """One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start;
+    and of those, what the rows read from the state entering the chunk (step 4)."""
     ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
     hi_l = tl.load(cums + offs_l, mask=ok_l, other=0.0)
     lo_l = tl.load(cums + lo_at + offs_l, mask=ok_l, other=0.0)
@@ -276,6 +291,7 @@ def head_outputs(
     if ROW_DT:  # dt scales the rows t (the backward pass's), not the columns s
         dt_l = tl.load(dt + offs_l * sd_l, mask=ok_l, other=0.0).to(ACC)[:, None]
         acc *= dt_l
+    start = acc
     # 1. (L * C B^T) X over the columns s <= t, a block of columns at a time
     for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, rows), BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -297,7 +313,7 @@ def head_outputs(
                      mask=ok_s[:, None] & ok_p[None, :], other=0.0)
         acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
                       out_dtype=ACC)
-    return acc
+    return acc, start
 # fmt: on
 
 
@@ -313,7 +329,7 @@ def chunk_outputs_kernel(
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, HAS_DT: tl.constexpr, ROW_DT: tl.constexpr,
-    STORE_Y: tl.constexpr, N_W: tl.constexpr,
+    STORE_Y: tl.constexpr, N_W: tl.constexpr, STATE_DOTS: tl.constexpr,
 ):
     """Steps 4 and 1 for rows `offs_l` of one chunk `c`, a tile of `p`: one head, or
     the sum over `heads` heads (the backward pass's)."""
@@ -325,8 +341,9 @@ def chunk_outputs_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_L, BLOCK_P), ACC)
+    start = tl.zeros((BLOCK_L, BLOCK_P), ACC)
     for hh in range(yy * heads, yy * heads + heads):
-        acc += head_outputs(
+        out, head_start = head_outputs(
             X + bi * sx_b + c * Q * sx_l + (hh // rx) * sx_h,
             B + bi * sb_b + c * Q * sb_l + (hh // r) * sb_g,
             C + bi * sc_b + c * Q * sc_l + (hh // r) * sc_g,
@@ -337,6 +354,9 @@ def chunk_outputs_kernel(
             sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
             BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT,
         )
+        acc += out
+        if STATE_DOTS:
+            start += head_start
     ok = (offs_l < rows)[:, None] & (offs_p < p)[None, :]
     at = c * Q + offs_l[:, None]  # the rows' tokens
     if STORE_Y:
@@ -351,6 +371,9 @@ def chunk_outputs_kernel(
     if N_W > 1:
         w = tl.load(W2 + at, mask=ok, other=0.0).to(ACC)
         tl.store(dots + so_k, tl.sum(acc * w, 1), mask=offs_l < rows)
+    if STATE_DOTS:  # W1's with the state's part of Y alone
+        w = tl.load(W1 + at, mask=ok, other=0.0).to(ACC)
+        tl.store(dots + N_W * so_k, tl.sum(start * w, 1), mask=offs_l < rows)
 # fmt: on
 
 
@@ -369,6 +392,7 @@ def chunk_outputs(
     W: tuple[Tensor, ...] = (),
     store: bool = True,
     dt_rows: bool = False,
+    state_dots: bool = False,
     block: int = 64,
     cols: int = 32,
     warps: int = 4,
@@ -380,11 +404,13 @@ def chunk_outputs(
     For the backward pass: with `heads`, `Y` summed over each `heads` heads, `(b, l, h /
     heads, p)`; with one or two tensors `W` shaped as `Y`, also `Y`'s dot products with
     them over `p`, `(len(W), b, h / heads, l)` in float32, returned as `(Y, dots)`
-    (`Y` None unless `store`). `dt_rows`: `dt` scales the rows of `M`, not the
-    columns."""
+    (`Y` None unless `store`); `state_dots`: and one more, with the state's part of `Y`
+    alone (step 4). `dt_rows`: `dt` scales the rows of `M`, not the columns."""
     (b, l, _, p), (g, n), (c, h) = X.shape, B.shape[2:], entering.shape[1:3]
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
-    dots = sums.new_empty(len(W), triton.cdiv(p, BLOCK_P), b, h // heads, l)
+    dots = sums.new_empty(
+        len(W) + state_dots, triton.cdiv(p, BLOCK_P), b, h // heads, l
+    )
     Y = X.new_empty(b, l, h // heads, p, dtype=out_dtype or X.dtype) if store else dots
     d = sums[0] if dt is None else dt  # a placeholder without dt
     (X, sx), (B, sb), (C, sc), (d, sd) = (in_time(t, reverse) for t in (X, B, C, d))
@@ -398,6 +424,7 @@ def chunk_outputs(
         BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
         BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_rows,
         ROW_DT=dt is not None and dt_rows, STORE_Y=store, N_W=len(W),
+        STATE_DOTS=state_dots,
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
     return (Y if store else None, dots.sum(1)) if W else Y
@@ -436,22 +463,75 @@ def shifted_back(A: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(A[:, :1]), A.flip(1)[:, :-1]], 1)
 
 
+# %% ../book/09_kernels.ipynb #5d1e7a3b
+def d_log_decays(
+    d_sums: Tensor,
+    A: Tensor,
+    Q: int,
+    across: Tensor | None = None,
+    leaving: Tensor | None = None,
+) -> Tensor:
+    """dA `(b, l, h)` from the gradients of the running sums `d_sums: (b, h, l)`, the
+    sum over t >= k. In whole chunks, with `leaving: (b, h, l)` (`X_s . dX_s` of the
+    paths that leave the chunk of s) and `across: (b, h, c)` (`dS . S` of those that
+    cross a whole chunk, undecayed), dA_k is summed within the chunk of k, so that no
+    sum over the sequence loses digits: what reaches t >= k in it, what leaves from
+    s < k in it, and what crosses it whole."""
+    if across is None:
+        return d_sums.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    c = across.shape[-1]
+    ahead = (d_sums + leaving).unflatten(-1, (c, Q))  # all but what leaves the chunk
+    ahead = ahead.flip(-1).cumsum(-1).flip(-1)
+    leaving = leaving.unflatten(-1, (c, Q))
+    behind = leaving.cumsum(-1) - leaving  # from s < k in the chunk
+    # across chunk k: from its entering state to past its end, decayed through it and
+    # the first token after it (none after the last)
+    decay = A.unflatten(1, (c, Q)).sum(2) + F.pad(A[:, Q::Q], (0, 0, 0, 1))
+    whole = across.flip(-1) * torch.exp(decay.mT)
+    return (ahead + behind + whole[..., None]).flatten(-2).transpose(1, 2)
+
+
 # %% ../book/09_kernels.ipynb #3a3a608e
 def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels,
     their outputs in float32 or wider (the gradient of `X` in its type)."""
     r, wide = A.shape[2] // B.shape[2], torch.promote_types(X.dtype, torch.float32)
-    A_rev = shifted_back(A)
+    l, A_rev = X.shape[1], shifted_back(A)
     # given dt, every run multiplies it in as the forward run did, before the rounding:
     # the dX run rounds the same products as the Y run below, so that the largest terms
     # of dA's difference (s = t) cancel. It scales its rows by dt (dx = dt dX); kept
     # off zero there, so that x . dX = (x . dx) / dt
     dt_ = None if dt is None else dt.to(wide).masked_fill(dt == 0, 1e-30)
+    # dA, first half: Y recomputed (not stored) for dY . Y; its entering states kept
+    states, sums, totals = chunk_states(X, A, B, Q, dt)
+    entering, final = pass_states(states, totals, s0, X.dtype)
+    del states
+    received = chunk_outputs(X, B, C, entering, sums, Q, dt, wide, W=(dY,), store=False)
     # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time with B and C
-    # swapped, with x . dx over p
-    (dx, sent), ds0 = ssd_forward(
-        dY, A_rev, C, B, Q, dfinal, dt_, X.dtype, True, W=(X,), dt_rows=True
+    # swapped, with x . dx over p. In whole chunks, the boundaries of both runs meet:
+    # then kernel 3 also takes x . dx of the state's part (what leaves the chunk), and
+    # kernel 2 dS . S for each chunk (what crosses it whole), for dA
+    whole = l % Q == 0
+    states, sums, totals = chunk_states(dY, A_rev, C, Q, None, True)
+    entering, ds0, *across = pass_states(
+        states, totals, dfinal, dY.dtype, entering if whole else None
     )
+    del states
+    dx, sent = chunk_outputs(
+        dY,
+        C,
+        B,
+        entering,
+        sums,
+        Q,
+        dt_,
+        X.dtype,
+        True,
+        W=(X,),
+        dt_rows=True,
+        state_dots=whole,
+    )
+    del entering
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
     # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: an SSD with C_t the input, dY_t the
     # key, read with X_s (rows times dt), backward in time, summed over a group's heads
@@ -461,14 +541,13 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     # dC_t = sum_{s <= t} decay (dY_t . X_s) B_s: the same forward in time, B the input
     s0_t = None if s0 is None else s0.mT
     dC = ssd_forward(B, A, X, dY, Q, s0_t, dt, wide, heads=r)[0]
-    # dA: each log-decay scales every path through it. dY . Y, Y recomputed, not stored
-    (_, received), final = ssd_forward(
-        X, A, B, C, Q, s0, dt, wide, W=(dY,), store=False
-    )
+    d_sums = received[1][0] - sent[0]  # dY . Y - x . dx (= X . dX)
+    if whole:
+        dA = d_log_decays(d_sums, A, Q, across[0], sent[1])
+    else:  # the final state is read past the last token
+        d_sums[..., -1] += (dfinal * final).sum((-1, -2))
+        dA = d_log_decays(d_sums, A, Q)
     sent = sent[0] if dt is None else sent[0] / dt_.transpose(1, 2)  # x . dX
-    d_sums = received[0] - sent * (1 if dt is None else dt.transpose(1, 2))
-    d_sums[..., -1] += (dfinal * final).sum((-1, -2))
-    dA = d_sums.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)  # sums over t >= k
     return dx, dA, dB, dC, ds0, None if dt is None else sent.transpose(1, 2)
 
 

@@ -168,7 +168,7 @@ def test_a_kept_graph_is_replayed_by_the_next_call_and_sees_new_weights():
 @torch.inference_mode()
 def test_a_prompt_through_graphs_gives_the_forward_pass_logits_and_cache(length):
     """`GraphedStep.prefill`: whole pieces from a graph of the forward pass, the rest a
-    replayed step each (pieces of 8 here: less than one, one, and two and a rest). In
+    replayed step each (pieces of 8 and 2 here: 2 2 1, 8, and 8 8 2 2 1). In
     float32 both ways sum the same terms in other orders: a few float32 roundings,
     grown through two layers, well under 1e-4."""
     from mamba2.graphs import GraphedStep
@@ -181,7 +181,7 @@ def test_a_prompt_through_graphs_gives_the_forward_pass_logits_and_cache(length)
         0, VOCAB, (3, length), generator=torch.Generator().manual_seed(2)
     )
     ids = ids.cuda()
-    graphed = GraphedStep(model, 3, piece=8)
+    graphed = GraphedStep(model, 3, pieces=(8, 2))
     for _ in range(2):  # the second prompt starts from the empty state again
         got = graphed.prefill(model, ids).clone()
         cache = model.allocate_cache(3)

@@ -42,13 +42,15 @@ def test_dt_folded_in_is_x_times_dt():
     assert rel_err(Y, Y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
 
 
-def test_gradients_with_dt_of_zeros_and_negative_values():
+@pytest.mark.parametrize("l", [50, 64])
+def test_gradients_with_dt_of_zeros_and_negative_values(l):
     """The backward pass divides `x . dx` by `dt` for `dt`'s gradient (its run scales rows by
-    `dt`) and keeps `dt` off zero there: float64, against autograd through `ssd_chunked`."""
+    `dt`) and keeps `dt` off zero there: float64, against autograd through `ssd_chunked`.
+    At 64 tokens, whole chunks: dA is summed chunk by chunk (`d_log_decays`)."""
     from mamba2 import ssd_chunked
     from mamba2.triton_ssd import ssd_triton
 
-    X, A, B, C, s0 = random_ssd_inputs(l=50, g=2, initial_states=True)
+    X, A, B, C, s0 = random_ssd_inputs(l=l, g=2, initial_states=True)
     dt = torch.randn(
         X.shape[:3], dtype=X.dtype, generator=torch.Generator().manual_seed(1)
     )
