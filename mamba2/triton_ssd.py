@@ -292,6 +292,7 @@ def head_outputs(
         dt_l = tl.load(dt + offs_l * sd_l, mask=ok_l, other=0.0).to(ACC)[:, None]
         acc *= dt_l
     start = acc
+    diag = tl.zeros((BLOCK_L,), ACC)  # M_tt, a row's largest term: kept in float32
     # 1. (L * C B^T) X over the columns s <= t, a block of columns at a time
     for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, rows), BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -309,11 +310,16 @@ def head_outputs(
             M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
         if ROW_DT:
             M *= dt_l
+        on = offs_l[:, None] == offs_s[None, :]
+        diag += tl.sum(tl.where(on, M, 0.0), 1)
+        M = tl.where(on, 0.0, M)
         Xs = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=ok_s[:, None] & ok_p[None, :], other=0.0)
         acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
                       out_dtype=ACC)
-    return acc, start
+    Xl = tl.load(X + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
+                 mask=ok_l[:, None] & ok_p[None, :], other=0.0)
+    return acc + diag[:, None] * Xl.to(ACC), start
 # fmt: on
 
 
