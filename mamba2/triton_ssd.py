@@ -396,7 +396,6 @@ def chunk_outputs_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_L, BLOCK_P), ACC)
     start = tl.zeros((BLOCK_L, BLOCK_P), ACC)
-    acc2 = tl.zeros((BLOCK_L, BLOCK_P), ACC)  # the second head's, with PAIR
     for hh in range(yy * heads, yy * heads + heads):
         out, out2, head_start = head_outputs(
             X + bi * sx_b + c * Q * sx_l + (hh // rx) * sx_h,
@@ -411,8 +410,6 @@ def chunk_outputs_kernel(
             BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT, PAIR,
         )
         acc += out
-        if PAIR:
-            acc2 += out2
         if STATE_DOTS:
             start += head_start
     ok = (offs_l < rows)[:, None] & (offs_p < p)[None, :]
@@ -422,7 +419,7 @@ def chunk_outputs_kernel(
                  acc.to(Y.dtype.element_ty), mask=ok)
     if PAIR:
         tl.store(Y + bi * sy_b + at * sy_l + (yy + 1) * sy_h + offs_p[None, :] * sy_p,
-                 acc2.to(Y.dtype.element_ty), mask=ok)
+                 out2.to(Y.dtype.element_ty), mask=ok)
     # the backward pass's dot products over p of these rows with those of W1 (and W2)
     dots += pid_p * so_t + bi * so_b + yy * so_h + (c * Q + offs_l) * so_l
     at = bi * sw_b + at * sw_l + yy * sw_h + offs_p[None, :] * sw_p
