@@ -11,7 +11,7 @@ variant computes `(x, dt, a, B, C) -> (Y, final_state)` with `X = x dt`, `A = dt
 For each: the relative error against chapter 4's `ssd_chunked` in float64, the median time of a
 call (`triton.testing.do_bench`), the peak memory above the inputs, and the first call's time
 (Triton's compilation). At (8, 4k) also forward + backward (gradients of x, dt, B, C) and each
-kernel's own time (also at (1, 64k); kernel 3 also with one head a program, `pair=False`); `--sweep` times tile sizes (the state passing at
+kernel's own time (also at (1, 64k)); `--sweep` times tile sizes (the state passing at
 every shape). mamba_ssm comes from its
 source package (`run_gpu.sh` puts it on the path; no compiled extension is needed).
 """
@@ -116,9 +116,6 @@ def main():
                 "pass_states": do_bench(lambda: pass_states(st, tot, None, X.dtype)),
                 "chunk_outputs": do_bench(
                     lambda: chunk_outputs(X, B, C, entering, sums, Q, dt)
-                ),
-                "chunk_outputs_one_head_a_program": do_bench(
-                    lambda: chunk_outputs(X, B, C, entering, sums, Q, dt, pair=False)
                 ),
             }
             print("kernels", shape, res["kernels_ms_by_shape"][shape], flush=True)

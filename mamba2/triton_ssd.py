@@ -11,8 +11,6 @@ __all__ = [
     "chunk_states",
     "pass_states_kernel",
     "pass_states",
-    "entering_part",
-    "decayed",
     "head_outputs",
     "chunk_outputs_kernel",
     "chunk_outputs",
@@ -271,101 +269,57 @@ def pass_states(
 # %% ../book/09_kernels.ipynb #45c6b682
 # fmt: off
 @triton.jit
-def entering_part(
-    Cl, states, cums, dt, offs_l, ok_l, offs_p, ok_p, offs_n, ok_n, lo_at, sd_l, n,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, ROW_DT: tl.constexpr,
+def head_outputs(
+    X, B, C, dt, states, cums, rows, pid_l, offs_l, offs_p, offs_n, lo_at,
+    sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
+    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
+    ROW_DT: tl.constexpr,
 ):
-    """Step 4 for one head: exp(A_0 + ... + A_t) C_t S^T, what row t reads from the
-    state entering; and the head's running sums and dt at the rows."""
+    """One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start;
+    and of those, what the rows read from the state entering the chunk (step 4)."""
+    ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
     hi_l = tl.load(cums + offs_l, mask=ok_l, other=0.0)
     lo_l = tl.load(cums + lo_at + offs_l, mask=ok_l, other=0.0)
+    Cl = tl.load(C + offs_l[:, None] * sc_l + offs_n[None, :] * sc_n,
+                 mask=ok_l[:, None] & ok_n[None, :], other=0.0)
+    # 4. exp(A_0 + ... + A_t) C_t S^T: what row t reads from the state entering
     S = tl.load(states + offs_n[:, None] + offs_p[None, :] * n,
                 mask=ok_n[:, None] & ok_p[None, :], other=0.0)
     acc = tl.dot(Cl.to(DOT), S.to(Cl.dtype).to(DOT), input_precision=PRECISION,
                  out_dtype=ACC) * tl.exp(hi_l + lo_l)[:, None]
-    # dt only where it is given (else its pointer is a placeholder: nothing is read)
-    dt_l = tl.load(dt + offs_l * sd_l, mask=ok_l & ROW_DT, other=0.0).to(ACC)[:, None]
     if ROW_DT:  # dt scales the rows t (the backward pass's), not the columns s
+        dt_l = tl.load(dt + offs_l * sd_l, mask=ok_l, other=0.0).to(ACC)[:, None]
         acc *= dt_l
-    return acc, hi_l, lo_l, dt_l
-
-
-@triton.jit
-def decayed(
-    CB, offs_l, ok_l, offs_s, ok_s, hi_l, lo_l, cums, lo_at, dt, sd_l, dt_l,
-    ACC: tl.constexpr, HAS_DT: tl.constexpr, ROW_DT: tl.constexpr,
-):
-    """One head's block of M = L * C B^T (times dt) without its diagonal, and the
-    diagonal's entries (row sums of what was taken out)."""
-    hi_s = tl.load(cums + offs_s, mask=ok_s, other=0.0)
-    lo_s = tl.load(cums + lo_at + offs_s, mask=ok_s, other=0.0)
-    keep = (offs_l[:, None] >= offs_s[None, :]) & ok_l[:, None] & ok_s[None, :]
-    sums = (hi_l[:, None] - hi_s[None, :]) + (lo_l[:, None] - lo_s[None, :])
-    M = CB * tl.exp(tl.where(keep, sums, -float("inf")))  # L, in registers
-    if HAS_DT:
-        M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
-    if ROW_DT:
-        M *= dt_l
-    on = offs_l[:, None] == offs_s[None, :]
-    return tl.where(on, 0.0, M), tl.sum(tl.where(on, M, 0.0), 1)
-
-
-@triton.jit
-def head_outputs(
-    X, B, C, dt, states, cums, rows, pid_l, offs_l, offs_p, offs_n, lo_at,
-    sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n, to_x, to_dt, to_state, to_cums,
-    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
-    ROW_DT: tl.constexpr, PAIR: tl.constexpr,
-):
-    """One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start;
-    with `PAIR`, also the next head's of the group (its tensors `to_*` further on),
-    from the same blocks of C B^T. And what the first head's rows read from the state
-    entering the chunk (step 4)."""
-    ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
-    Cl = tl.load(C + offs_l[:, None] * sc_l + offs_n[None, :] * sc_n,
-                 mask=ok_l[:, None] & ok_n[None, :], other=0.0)
-    acc, hi_l, lo_l, dt_l = entering_part(
-        Cl, states, cums, dt, offs_l, ok_l, offs_p, ok_p, offs_n, ok_n, lo_at, sd_l,
-        n, ACC, DOT, PRECISION, ROW_DT)
-    start, acc2 = acc, acc
-    if PAIR:
-        acc2, hi2, lo2, dt2 = entering_part(
-            Cl, states + to_state, cums + to_cums, dt + to_dt, offs_l, ok_l, offs_p,
-            ok_p, offs_n, ok_n, lo_at, sd_l, n, ACC, DOT, PRECISION, ROW_DT)
+    start = acc
     diag = tl.zeros((BLOCK_L,), ACC)  # M_tt, a row's largest term: kept in float32
-    diag2 = diag
     # 1. (L * C B^T) X over the columns s <= t, a block of columns at a time
     for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, rows), BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ok_s = offs_s < rows
+        hi_s = tl.load(cums + offs_s, mask=ok_s, other=0.0)
+        lo_s = tl.load(cums + lo_at + offs_s, mask=ok_s, other=0.0)
         Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
                      mask=ok_s[:, None] & ok_n[None, :], other=0.0)
         CB = tl.dot(Cl.to(DOT), tl.trans(Bs).to(DOT), input_precision=PRECISION,
-                    out_dtype=ACC)  # once for the pair: recomputed per program
-        M, on = decayed(CB, offs_l, ok_l, offs_s, ok_s, hi_l, lo_l, cums, lo_at, dt,
-                        sd_l, dt_l, ACC, HAS_DT, ROW_DT)
-        diag += on
+                    out_dtype=ACC)  # recomputed for each head of the group
+        keep = (offs_l[:, None] >= offs_s[None, :]) & ok_l[:, None] & ok_s[None, :]
+        sums = (hi_l[:, None] - hi_s[None, :]) + (lo_l[:, None] - lo_s[None, :])
+        M = CB * tl.exp(tl.where(keep, sums, -float("inf")))  # L, in registers
+        if HAS_DT:
+            M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
+        if ROW_DT:
+            M *= dt_l
+        on = offs_l[:, None] == offs_s[None, :]
+        diag += tl.sum(tl.where(on, M, 0.0), 1)
+        M = tl.where(on, 0.0, M)
         Xs = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=ok_s[:, None] & ok_p[None, :], other=0.0)
         acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
                       out_dtype=ACC)
-        if PAIR:
-            M, on = decayed(CB, offs_l, ok_l, offs_s, ok_s, hi2, lo2, cums + to_cums,
-                            lo_at, dt + to_dt, sd_l, dt2, ACC, HAS_DT, ROW_DT)
-            diag2 += on
-            Xs = tl.load(X + to_x + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
-                         mask=ok_s[:, None] & ok_p[None, :], other=0.0)
-            acc2 += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT),
-                           input_precision=PRECISION, out_dtype=ACC)
     Xl = tl.load(X + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                  mask=ok_l[:, None] & ok_p[None, :], other=0.0)
-    acc += diag[:, None] * Xl.to(ACC)
-    if PAIR:
-        Xl = tl.load(X + to_x + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
-                     mask=ok_l[:, None] & ok_p[None, :], other=0.0)
-        acc2 += diag2[:, None] * Xl.to(ACC)
-    return acc, acc2, start
+    return acc + diag[:, None] * Xl.to(ACC), start
 # fmt: on
 
 
@@ -382,14 +336,12 @@ def chunk_outputs_kernel(
     BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, HAS_DT: tl.constexpr, ROW_DT: tl.constexpr,
     STORE_Y: tl.constexpr, N_W: tl.constexpr, STATE_DOTS: tl.constexpr,
-    PAIR: tl.constexpr,
 ):
-    """Steps 4 and 1 for rows `offs_l` of one chunk `c`, a tile of `p`: one head, two
-    heads of a group (`PAIR`), or the sum over `heads` heads (the backward pass's)."""
+    """Steps 4 and 1 for rows `offs_l` of one chunk `c`, a tile of `p`: one head, or
+    the sum over `heads` heads (the backward pass's)."""
     pid, pid_l, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    hy = h // heads // (1 + PAIR)  # programs a chunk
+    hy = h // heads  # heads of Y
     bi, c, yy = pid // (n_chunks * hy), (pid // hy) % n_chunks, pid % hy
-    yy = yy * (1 + PAIR)  # the first head of Y
     rows = tl.minimum(Q, l - c * Q)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -397,7 +349,7 @@ def chunk_outputs_kernel(
     acc = tl.zeros((BLOCK_L, BLOCK_P), ACC)
     start = tl.zeros((BLOCK_L, BLOCK_P), ACC)
     for hh in range(yy * heads, yy * heads + heads):
-        out, out2, head_start = head_outputs(
+        out, head_start = head_outputs(
             X + bi * sx_b + c * Q * sx_l + (hh // rx) * sx_h,
             B + bi * sb_b + c * Q * sb_l + (hh // r) * sb_g,
             C + bi * sc_b + c * Q * sc_l + (hh // r) * sc_g,
@@ -406,8 +358,7 @@ def chunk_outputs_kernel(
             cums + (bi * h + hh) * n_chunks * Q + c * Q,
             rows, pid_l, offs_l, offs_p, offs_n, lo_at,
             sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
-            sx_h * (1 // rx), sd_h, p * n, n_chunks * Q,  # to the next head
-            BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT, PAIR,
+            BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT,
         )
         acc += out
         if STATE_DOTS:
@@ -417,9 +368,6 @@ def chunk_outputs_kernel(
     if STORE_Y:
         tl.store(Y + bi * sy_b + at * sy_l + yy * sy_h + offs_p[None, :] * sy_p,
                  acc.to(Y.dtype.element_ty), mask=ok)
-    if PAIR:
-        tl.store(Y + bi * sy_b + at * sy_l + (yy + 1) * sy_h + offs_p[None, :] * sy_p,
-                 out2.to(Y.dtype.element_ty), mask=ok)
     # the backward pass's dot products over p of these rows with those of W1 (and W2)
     dots += pid_p * so_t + bi * so_b + yy * so_h + (c * Q + offs_l) * so_l
     at = bi * sw_b + at * sw_l + yy * sw_h + offs_p[None, :] * sw_p
@@ -451,7 +399,6 @@ def chunk_outputs(
     store: bool = True,
     dt_rows: bool = False,
     state_dots: bool = False,
-    pair: bool | None = None,
     block: int = 64,
     cols: int = 32,
     warps: int = 4,
@@ -464,9 +411,7 @@ def chunk_outputs(
     heads, p)`; with one or two tensors `W` shaped as `Y`, also `Y`'s dot products with
     them over `p`, `(len(W), b, h / heads, l)` in float32, returned as `(Y, dots)`
     (`Y` None unless `store`); `state_dots`: and one more, with the state's part of `Y`
-    alone (step 4). `dt_rows`: `dt` scales the rows of `M`, not the columns. `pair`:
-    a program for two heads of a group (None: where the group has an even number of
-    heads and only `Y` is asked for)."""
+    alone (step 4). `dt_rows`: `dt` scales the rows of `M`, not the columns."""
     (b, l, _, p), (g, n), (c, h) = X.shape, B.shape[2:], entering.shape[1:3]
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
     dots = sums.new_empty(
@@ -478,17 +423,14 @@ def chunk_outputs(
     (Yr, sy), (dots_r, so) = in_time(Y, reverse and store), in_time(dots, reverse, 4)
     Ws = [in_time(w, reverse) for w in W] or [(Yr, sy)]
     assert all(s == Ws[0][1] for _, s in Ws), "W's tensors must share their strides"
-    if pair is None:  # two heads of a group, one row of X each: C B^T computed once
-        pair = (h // g) % 2 == 0 and heads == 1 and not W and store and X.shape[2] == h
-    grid = (b * c * h // heads // (1 + pair), triton.cdiv(Q, BLOCK_L), dots.shape[1])
-    chunk_outputs_kernel[grid](
+    chunk_outputs_kernel[(b * c * h // heads, triton.cdiv(Q, BLOCK_L), dots.shape[1])](
         X, B, C, d, Yr, entering, sums, Ws[0][0], Ws[-1][0], dots_r, l, h, h // g,
         h // X.shape[2], heads, p, n, Q, c, sums[1].numel(), *sx, *sb, *sc,
         *(sy if store else [0] * 4), *sd[:3], *Ws[0][1], *so,
         BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
         BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_rows,
         ROW_DT=dt is not None and dt_rows, STORE_Y=store, N_W=len(W),
-        STATE_DOTS=state_dots, PAIR=pair,
+        STATE_DOTS=state_dots,
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
     return (Y if store else None, dots.sum(1)) if W else Y
