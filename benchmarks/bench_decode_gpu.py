@@ -74,7 +74,8 @@ def env_info():
         driver=run_text(
             "nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"
         ),
-        commit=os.environ.get("BENCH_COMMIT") or os.environ.get("MAMBA2_COMMIT")
+        commit=os.environ.get("BENCH_COMMIT")
+        or os.environ.get("MAMBA2_COMMIT")
         or run_text("git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"),
         mamba2=mamba2.__version__,
     )

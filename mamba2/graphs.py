@@ -99,7 +99,7 @@ class GraphedStep:
     def prefill(self, model: Mamba2LMHeadModel, input_ids: Tensor) -> Tensor:
         """The logits `(b, vocab)` after `input_ids: (b, l)` from the empty state, the
         cache left after them: the longest pieces first, each by a graph of the forward
-        pass over that many tokens (captured at its first use), the rest a step a token."""
+        pass over that many tokens (captured at first use), the rest a step a token."""
         for c in self.cache:  # the empty state
             c.conv_state.zero_(), c.ssm_state.zero_()
         at, logits = 0, None

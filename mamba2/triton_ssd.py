@@ -220,8 +220,10 @@ def pass_states_kernel(
     step = h * pn  # from one chunk's state to the next's
     at = ((pid // h * n_chunks) * h + pid % h) * pn + offs  # chunk 0 of this head
     new = tl.load(states + at, mask=ok, other=0.0)
-    ahead = tl.load(states + at + step, mask=offs < pn * tl.minimum(n_chunks - 1, 1), other=0.0)
-    later = tl.load(states + at + 2 * step, mask=offs < pn * tl.minimum(n_chunks - 2, 1), other=0.0)
+    ahead = tl.load(states + at + step, mask=offs < pn * tl.minimum(n_chunks - 1, 1),
+                    other=0.0)
+    later = tl.load(states + at + 2 * step,
+                    mask=offs < pn * tl.minimum(n_chunks - 2, 1), other=0.0)
     for c in range(n_chunks):  # the state stays in registers from chunk to chunk
         more = tl.minimum(n_chunks - 3 - c, 1)  # 1 while chunk c + 3 exists, else <= 0
         last = tl.load(states + at + 3 * step, mask=offs < pn * more, other=0.0)
@@ -250,7 +252,8 @@ def pass_states(
     """Kernel 2: the state entering each chunk, `(b, c, h, p, n)` in `dtype` (default:
     the states'), and the final state `(b, h, p, n)` in the states' type. With a
     `partner` shaped as the states (the backward pass's), also the dot products of the
-    state entering chunk `k` with the partner's entering chunk `c - 1 - k`, `(b, h, c)`."""
+    state entering chunk `k` with the partner's entering chunk `c - 1 - k`,
+    `(b, h, c)`."""
     b, c, h, p, n = states.shape
     entering = states.new_empty(states.shape, dtype=dtype or states.dtype)
     final = states.new_empty(b, h, p, n)
