@@ -1,11 +1,9 @@
 """Chapter 9's kernels behind the front door: what the SSD contract tests (tests/test_chunked.py, run
 for every implementation) do not cover. Without a GPU the kernels run in Triton's interpreter."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from isolated import run_without_triton
 from oracle import naive_ssd
 
 from mamba2 import IMPLEMENTATIONS, Mamba2, Mamba2Config, ssd
@@ -17,18 +15,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_the_package_imports_and_runs_without_triton():
-    code = (
-        "import sys; sys.modules['triton'] = None\n"  # as if it were not installed
+    out = run_without_triton(
         "import torch, mamba2\n"
         "assert 'triton' not in mamba2.IMPLEMENTATIONS\n"
         "X, A, B, C, s0 = mamba2.random_ssd_inputs(l=9)\n"
         "print(mamba2.ssd(X, A, B, C, 4)[0].shape)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    assert "torch.Size([2, 9, 4, 8])" in out.stdout
+    assert "torch.Size([2, 9, 4, 8])" in out
 
 
 def test_dt_folded_in_is_x_times_dt():
