@@ -68,17 +68,17 @@ class GraphedStep:
         self.cache, self.weights, self.busy = model.allocate_cache(batch), (), False
         device = self.cache[0].ssm_state.device
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        self.kernels, step = _use_kernels(model, kernels), model.next_logits
+        self.kernels = _use_kernels(model, kernels)
         self.pieces, self.prompt = sorted(pieces, reverse=True), {}  # graphs: when used
+        run = warm = partial(model.next_logits, self.token, self.cache)
         if self.kernels:  # imported here: Triton is optional
             from mamba2 import triton_step
 
-            step = partial(triton_step.step, model)  # checked at the warm-up
-            # the graph: no checks, which would wait for the device
+            # the warm-up checks the arguments; the graph does not, as a check would
+            # wait for the device
+            warm = partial(triton_step.step, model, self.token, self.cache)
             run = partial(triton_step.next_logits, model, self.token, self.cache)
-        else:
-            run = partial(step, self.token, self.cache)
-        self.graph, self.logits = _captured(partial(step, self.token, self.cache), run)
+        self.graph, self.logits = _captured(warm, run)
         self.weights = _weights(model)  # no reference to the model itself is kept
 
     @torch.inference_mode()

@@ -259,7 +259,8 @@ def pass_states(
     final = states.new_empty(b, h, p, n)
     s0 = final if initial_states is None else initial_states.contiguous()
     grid = (b * h, triton.cdiv(p * n, block))
-    dots = final.new_zeros(b, h, grid[1], c)
+    # each program writes its slice's dot for every chunk; none without a partner
+    dots = final if partner is None else final.new_empty(b, h, grid[1], c)
     pass_states_kernel[grid](
         states, totals, s0, entering, final, final if partner is None else partner,
         dots, h, p * n, c, HAS_INITIAL=initial_states is not None,
@@ -377,12 +378,11 @@ def chunk_outputs_kernel(
     if N_W > 0:
         w = tl.load(W1 + at, mask=ok, other=0.0).to(ACC)
         tl.store(dots, tl.sum(acc * w, 1), mask=offs_l < rows)
+        if STATE_DOTS:  # W1's with the state's part of Y alone
+            tl.store(dots + N_W * so_k, tl.sum(start * w, 1), mask=offs_l < rows)
     if N_W > 1:
         w = tl.load(W2 + at, mask=ok, other=0.0).to(ACC)
         tl.store(dots + so_k, tl.sum(acc * w, 1), mask=offs_l < rows)
-    if STATE_DOTS:  # W1's with the state's part of Y alone
-        w = tl.load(W1 + at, mask=ok, other=0.0).to(ACC)
-        tl.store(dots + N_W * so_k, tl.sum(start * w, 1), mask=offs_l < rows)
 # fmt: on
 
 
@@ -426,6 +426,7 @@ def chunk_outputs(
     (Yr, sy), (dots_r, so) = in_time(Y, reverse and store), in_time(dots, reverse, 4)
     Ws = [in_time(w, reverse) for w in W] or [(Yr, sy)]
     assert all(s == Ws[0][1] for _, s in Ws), "W's tensors must share their strides"
+    assert W or not state_dots, "state_dots are dot products with W's first tensor"
     chunk_outputs_kernel[(b * c * h // heads, triton.cdiv(Q, BLOCK_L), dots.shape[1])](
         X, B, C, d, Yr, entering, sums, Ws[0][0], Ws[-1][0], dots_r, l, h, h // g,
         h // X.shape[2], heads, p, n, Q, c, sums[1].numel(), *sx, *sb, *sc,
