@@ -1,13 +1,14 @@
-"""Reproduces the fault that keeps chapter 9's kernels out of compiled code (see chapter 9,
-"Under torch.compile"): a bfloat16 block compiled by Inductor, with its SSD behind a graph break,
-returns wrong values, although the SSD's own output is right. Runs on a CPU in seconds.
+"""Reproduces the fault that kept chapter 9's kernels out of compiled code until they became
+custom operators (see chapter 9, "Under torch.compile"): a bfloat16 block compiled by Inductor,
+with its SSD behind a graph break, returns wrong values, although the SSD's own output is right.
+Runs on a CPU in seconds.
 
     python benchmarks/repro_compile_break.py
 
 Prints the relative error of the compiled block against the eager one for each backend: about
 1e-2 or less is bfloat16 rounding; about 1 is the fault (seen with Inductor, torch 2.13 CPU and
 torch 2.11 on an H200; aot_eager is right). The SSD here is `ssd_fast` (PyTorch) behind
-`torch.compiler.disable`, standing in for the Triton kernels, which Dynamo cannot trace.
+`torch.compiler.disable`, standing in for a kernel launcher that Dynamo cannot trace.
 """
 
 import sys

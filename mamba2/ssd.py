@@ -44,16 +44,11 @@ def ssd(
 ) -> tuple[Tensor, Tensor]:
     """The SSD by implementation `impl`.
 
-    `impl` is `'auto'` (the fastest correct one) or a key of `IMPLEMENTATIONS`. Under
-    `torch.compile`, `'auto'` and `'triton'` run `ssd_fast`.
+    `impl` is `'auto'` (the fastest correct one) or a key of `IMPLEMENTATIONS`.
     """
-    compiling = torch.compiler.is_compiling()
-    if impl == "auto" or (impl == "triton" and compiling):
-        # the fastest correct one (chapters 8 and 9). Compiled: one graph, ssd_fast
-        # fused (a graph break at the kernels inside a compiled block went wrong)
+    if impl == "auto":  # the fastest correct one (chapters 8 and 9)
         on_gpu = getattr(X, "is_cuda", False) and X.dtype != torch.float64
-        kernels = on_gpu and not compiling and "triton" in IMPLEMENTATIONS
-        impl = "triton" if kernels else "fast"
+        impl = "triton" if on_gpu and "triton" in IMPLEMENTATIONS else "fast"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"impl must be 'auto' or one of {sorted(IMPLEMENTATIONS)}, got {impl!r}"

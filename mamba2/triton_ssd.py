@@ -18,6 +18,8 @@ __all__ = [
     "shifted_back",
     "d_log_decays",
     "ssd_backward",
+    "ssd_forward_op",
+    "ssd_backward_op",
     "SSDKernels",
     "ssd_triton",
 ]
@@ -561,6 +563,53 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     return dx, dA, dB, dC, ds0, None if dt is None else sent.transpose(1, 2)
 
 
+# %% ../book/09_kernels.ipynb #5e0c2b9d
+@torch.library.custom_op("mamba2::ssd_forward", mutates_args=())
+def ssd_forward_op(
+    X: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    Q: int,
+    initial_states: Tensor | None,
+    dt: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    "`ssd_forward` as one operator of torch's: `Y` in `X`'s type, the final state."
+    return ssd_forward(X, A, B, C, Q, initial_states, dt)
+
+
+@ssd_forward_op.register_fake
+def _(X, A, B, C, Q, initial_states, dt):  # what torch.compile is told: no kernel runs
+    (b, l, h, p), n = X.shape, B.shape[-1]
+    return X.new_empty(b, l, h, p), A.new_empty(b, h, p, n)  # A: float32 or wider
+
+
+# %% ../book/09_kernels.ipynb #9b3e6d14
+@torch.library.custom_op("mamba2::ssd_backward", mutates_args=())
+def ssd_backward_op(
+    X: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    Q: int,
+    s0: Tensor | None,
+    dt: Tensor | None,
+    dY: Tensor,
+    dfinal: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    "`ssd_backward` as one operator: each gradient in its input's type (`dt`: none)."
+    dX, dA, dB, dC, ds0, ddt = ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal)
+    ddt = A.new_empty(0) if dt is None else ddt.to(dt.dtype).contiguous()
+    return dX, dA.contiguous(), dB.to(B.dtype), dC.to(C.dtype), ds0.contiguous(), ddt
+
+
+@ssd_backward_op.register_fake
+def _(X, A, B, C, Q, s0, dt, dY, dfinal):
+    (b, _, h, p), n, like = X.shape, B.shape[-1], torch.empty_like
+    ddt = A.new_empty(0) if dt is None else like(dt)
+    return like(X), like(A), like(B), like(C), A.new_empty(b, h, p, n), ddt
+
+
 # %% ../book/09_kernels.ipynb #08109e69
 class SSDKernels(torch.autograd.Function):
     "The kernels forward and backward; keeps only the inputs for the backward pass."
@@ -569,20 +618,18 @@ class SSDKernels(torch.autograd.Function):
     def forward(ctx, X, A, B, C, Q, initial_states, dt):
         ctx.save_for_backward(X, A, B, C, initial_states, dt)
         ctx.Q = Q
-        return ssd_forward(X, A, B, C, Q, initial_states, dt)
+        return ssd_forward_op(X, A, B, C, Q, initial_states, dt)
 
     @staticmethod
     def backward(ctx, dY, dfinal):
         X, A, B, C, s0, dt = ctx.saved_tensors
-        grads = ssd_backward(X, A, B, C, ctx.Q, s0, dt, dY, dfinal)
+        grads = ssd_backward_op(X, A, B, C, ctx.Q, s0, dt, dY, dfinal)
         dX, dA, dB, dC, ds0, ddt = grads
-        like = lambda grad, t: None if t is None else grad.to(t.dtype)
-        return (dX.to(X.dtype), dA, like(dB, B), like(dC, C), None, like(ds0, s0),
-                like(ddt, dt))  # fmt: skip
+        given = lambda grad, t: None if t is None else grad
+        return dX, dA, dB, dC, None, given(ds0, s0), given(ddt, dt)
 
 
 # %% ../book/09_kernels.ipynb #31149002
-@torch.compiler.disable  # torch.compile runs around the kernels, not into them
 def ssd_triton(
     X: Tensor,
     A: Tensor,

@@ -45,8 +45,8 @@ def tiny_block(impl: str) -> Mamba2:
 def test_block_compiles_once(impl):
     """`torch.compile(block, dynamic=True)`: one graph for 3 to 44 chunks, as eager.
     (Chapter 4's plain `ssd_chunked` is not shaped for this: its loop over chunks is unrolled
-    into one graph per count of chunks; compiled, the front door runs `ssd_fast` for 'auto'
-    on every device, so 'fast' is the same graph: tests/test_triton.py checks that routing.)"""
+    into one graph per count of chunks; on a CPU, compiled or not, the front door runs
+    `ssd_fast` for 'auto': tests/test_triton.py checks that routing.)"""
     counters.clear()
     block = tiny_block(impl)
     compiled = torch.compile(block, dynamic=True)

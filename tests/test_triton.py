@@ -80,9 +80,8 @@ def test_bad_dt(dt, error, match):
         ssd_triton(X, A, B, C, 4, dt=dt)
 
 
-@pytest.mark.parametrize("impl", ["auto", "triton"])
-def test_under_torch_compile_the_front_door_runs_ssd_fast(impl, monkeypatch):
-    "A graph break at the kernels inside a compiled block went wrong (chapter 9): one graph."
+def test_under_torch_compile_auto_on_a_cpu_runs_ssd_fast(monkeypatch):
+    "On a CPU the kernels are interpreted: 'auto' picks the tuned PyTorch path, compiled too."
     calls = []
     fast = IMPLEMENTATIONS["fast"]
     spy = lambda *args: calls.append("fast") or fast(*args)
@@ -90,10 +89,58 @@ def test_under_torch_compile_the_front_door_runs_ssd_fast(impl, monkeypatch):
     X, A, B, C, s0 = random_ssd_inputs(l=20, initial_states=True)
     Y_ref, _ = naive_ssd(X, A, B, C, s0)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *t: ssd(*t, 8, s0, impl)[0], backend="eager")
+    compiled = torch.compile(lambda *t: ssd(*t, 8, s0)[0], backend="eager")
     assert rel_err(compiled(X, A, B, C), Y_ref) < 1e-12
     assert calls == ["fast"]  # traced once, through ssd_fast
     torch._dynamo.reset()
+
+
+def test_under_torch_compile_the_kernels_are_one_node_of_one_graph():
+    """fullgraph=True: no graph break at the kernels (they are custom operators). Dynamic
+    lengths: a second length compiles nothing new. Against the float64 oracle, and the
+    gradients against autograd through ssd_chunked (AOTAutograd traces the backward
+    operator)."""
+    X, A, B, C, s0 = random_ssd_inputs(l=40, g=2, initial_states=True)
+
+    def run(X, A, B, C, s0):
+        Y, final = ssd(X, A, B, C, 16, s0, impl="triton")
+        return Y.square().sum() + final.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="aot_eager")
+    for l in (40, 27):
+        inputs = [t[:, :l].clone().requires_grad_() for t in (X, A, B, C)]
+        inputs.append(s0.clone().requires_grad_())
+        with torch.compiler.set_stance("fail_on_recompile" if l == 27 else "default"):
+            out = compiled(*inputs)
+        grads = torch.autograd.grad(out, inputs)
+        Y_ref, final_ref = naive_ssd(*[t.detach() for t in inputs])
+        ref = Y_ref.square().sum() + final_ref.square().sum()
+        assert rel_err(out, ref) < 1e-12
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        Y, final = ssd(*leaves[:4], 16, leaves[4], impl="chunked")
+        grads_ref = torch.autograd.grad(Y.square().sum() + final.square().sum(), leaves)
+        for name, g, g_ref in zip("X A B C s0".split(), grads, grads_ref):
+            assert rel_err(g, g_ref) < 1e-10, (l, name)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("with_dt", [False, True])
+@pytest.mark.parametrize("initial", [False, True])
+def test_the_custom_operators_fake_results_match_the_real_ones(with_dt, initial):
+    "torch.library.opcheck: schema, fake shapes, types and strides, autograd registration."
+    from mamba2.triton_ssd import ssd_backward_op, ssd_forward_op
+
+    X, A, B, C, s0 = random_ssd_inputs(
+        l=19, g=2, initial_states=initial, dtype=torch.float32
+    )
+    dt = torch.rand(X.shape[:3]) if with_dt else None
+    args = (X, A, B, C, 8, s0, dt)
+    torch.library.opcheck(ssd_forward_op, args, test_utils="test_faketensor")
+    torch.library.opcheck(ssd_forward_op, args, test_utils="test_schema")
+    dY, dfinal = torch.randn_like(X), torch.randn(2, 4, 8, 16)
+    for test in ("test_faketensor", "test_schema"):
+        torch.library.opcheck(ssd_backward_op, (*args, dY, dfinal), test_utils=test)
 
 
 def test_bfloat16_gradients_with_dt_folded_in_are_as_close_as_with_x_dt_rounded_first():
@@ -134,13 +181,14 @@ def test_bfloat16_gradients_with_dt_folded_in_are_as_close_as_with_x_dt_rounded_
 
 def test_a_compiled_bfloat16_block_asking_for_the_kernels_matches_the_eager_block():
     """The case that went wrong with the kernels behind a graph break: bfloat16, the block
-    compiled (Inductor), impl 'triton'. Compiled, it runs ssd_fast in one graph; eager, the
-    kernels. Tolerance: bfloat16 outputs of two computations, a few units of 2^-8."""
+    compiled (Inductor), impl 'triton'. Now the kernels are one node of the compiled graph.
+    Tolerance: bfloat16 outputs of two computations, a few units of 2^-8."""
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=64, d_state=16, headdim=16, chunk_size=32, impl="triton")
     block = Mamba2(cfg, dtype=torch.bfloat16)
     u = torch.randn(2, 100, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
     with torch.no_grad():
-        assert rel_err(torch.compile(block, dynamic=True)(u), block(u)) < 2e-2
+        compiled = torch.compile(block, dynamic=True, fullgraph=True)
+        assert rel_err(compiled(u), block(u)) < 2e-2
     torch._dynamo.reset()
