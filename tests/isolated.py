@@ -1,7 +1,17 @@
-"""A check in a Python process of its own, for what cannot be undone in this one."""
+"""A check in a Python process of its own, for what cannot be undone in this one; and
+whether this one runs Triton's kernels interpreted, which is decided once, at its start."""
 
+import os
 import subprocess
 import sys
+
+# conftest.py switches the interpreter on where there is no GPU
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETER_ONLY = (
+    "these checks feed CPU tensors to the kernels, which only Triton's interpreter runs "
+    "(on where there is no GPU); with a GPU, tests/test_chunked.py runs chapter 9's "
+    "kernels and tests/test_decode.py chapter 10's on it"
+)
 
 
 def run_without_triton(code: str) -> str:

@@ -3,15 +3,16 @@ for every implementation) do not cover. Without a GPU the kernels run in Triton'
 
 import pytest
 import torch
-from isolated import run_without_triton
+from isolated import INTERPRETED, INTERPRETER_ONLY, run_without_triton
 from oracle import naive_ssd
 
 from mamba2 import IMPLEMENTATIONS, Mamba2, Mamba2Config, ssd
 from mamba2.scan import random_ssd_inputs, rel_err
 
-pytestmark = pytest.mark.skipif(
-    "triton" not in IMPLEMENTATIONS, reason="needs Triton (Linux)"
-)
+pytestmark = [
+    pytest.mark.skipif("triton" not in IMPLEMENTATIONS, reason="needs Triton (Linux)"),
+    pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_ONLY),
+]
 
 
 def test_the_package_imports_and_runs_without_triton():

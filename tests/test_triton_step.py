@@ -11,14 +11,17 @@ the convolution windows hold in_proj outputs, copied, and are equal bitwise."""
 import pytest
 import torch
 from block_oracle import randomize_
-from isolated import run_without_triton
+from isolated import INTERPRETED, INTERPRETER_ONLY, run_without_triton
 from oracle import rel_err
 from test_step import SMALL, VARIANTS
 
 from mamba2 import Mamba2, Mamba2Config, Mamba2LMHeadModel
 from mamba2.ssd import has_triton
 
-pytestmark = pytest.mark.skipif(not has_triton(), reason="needs Triton (Linux)")
+pytestmark = [
+    pytest.mark.skipif(not has_triton(), reason="needs Triton (Linux)"),
+    pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_ONLY),
+]
 
 # chapter 6's tests' variants (groups, dt_limit, learned start; norm_before_gate, D per channel, biases;
 # d_conv 2), and more
