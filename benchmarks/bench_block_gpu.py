@@ -48,9 +48,8 @@ def main():
     args = ap.parse_args()
     import_mamba_ssm()
     ours, theirs = build()
-    compiled = torch.compile(
-        ours, dynamic=True
-    )  # the front door: ssd_fast when compiled
+    # one graph for every length; the SSD in it is chapter 9's kernels, a custom operator
+    compiled = torch.compile(ours, dynamic=True)
     res = {"env": env_info(), "forward": [], "backward": []}
     res["env"]["mamba2_file"] = mamba2.__file__
     for shape in args.shapes.split(","):

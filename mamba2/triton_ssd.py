@@ -11,7 +11,6 @@ __all__ = [
     "chunk_states",
     "pass_states_kernel",
     "pass_states",
-    "column_block",
     "head_outputs",
     "chunk_outputs_kernel",
     "chunk_outputs",
@@ -276,44 +275,6 @@ def pass_states(
 # %% ../book/09_kernels.ipynb #45c6b682
 # fmt: off
 @triton.jit
-def column_block(
-    acc, diag, s0, Cl, hi_l, lo_l, dt_l, offs_l, ok_l, offs_p, offs_n, ok_p, ok_n,
-    X, B, dt, cums, rows, lo_at, sx_l, sx_p, sb_l, sb_n, sd_l,
-    BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_DT: tl.constexpr, ROW_DT: tl.constexpr,
-    DIAGONAL: tl.constexpr,
-):
-    """Step 1 for the columns `s0, ..., s0 + BLOCK_S - 1`: `acc += (L * C B^T) X`, and
-    `diag` takes `M_tt`. Masks and the diagonal only in the `DIAGONAL` block of tiles."""
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    ok_s = offs_s < rows
-    hi_s = tl.load(cums + offs_s, mask=ok_s, other=0.0)
-    lo_s = tl.load(cums + lo_at + offs_s, mask=ok_s, other=0.0)
-    Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
-                 mask=ok_s[:, None] & ok_n[None, :], other=0.0)
-    CB = tl.dot(Cl.to(DOT), tl.trans(Bs).to(DOT), input_precision=PRECISION,
-                out_dtype=ACC)  # recomputed for each head of the group
-    sums = (hi_l[:, None] - hi_s[None, :]) + (lo_l[:, None] - lo_s[None, :])
-    if DIAGONAL:  # s > t masked: exp(-inf) = 0 exactly
-        keep = (offs_l[:, None] >= offs_s[None, :]) & ok_l[:, None] & ok_s[None, :]
-        sums = tl.where(keep, sums, -float("inf"))
-    M = CB * tl.exp(sums)  # L, in registers
-    if HAS_DT:
-        M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
-    if ROW_DT:
-        M *= dt_l
-    if DIAGONAL:
-        on = offs_l[:, None] == offs_s[None, :]
-        diag += tl.sum(tl.where(on, M, 0.0), 1)
-        M = tl.where(on, 0.0, M)
-    Xs = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
-                 mask=ok_s[:, None] & ok_p[None, :], other=0.0)
-    acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
-                  out_dtype=ACC)
-    return acc, diag
-
-
-@triton.jit
 def head_outputs(
     X, B, C, dt, states, cums, rows, pid_l, offs_l, offs_p, offs_n, lo_at,
     sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
@@ -324,9 +285,7 @@ def head_outputs(
     """One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start;
     and of those, what the rows read from the state entering the chunk (step 4)."""
     ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
-    # rows past the end: decays exp(-inf) = 0, so that no mask is needed below the
-    # diagonal
-    hi_l = tl.load(cums + offs_l, mask=ok_l, other=-float("inf"))
+    hi_l = tl.load(cums + offs_l, mask=ok_l, other=0.0)
     lo_l = tl.load(cums + lo_at + offs_l, mask=ok_l, other=0.0)
     Cl = tl.load(C + offs_l[:, None] * sc_l + offs_n[None, :] * sc_n,
                  mask=ok_l[:, None] & ok_n[None, :], other=0.0)
@@ -335,25 +294,35 @@ def head_outputs(
                 mask=ok_n[:, None] & ok_p[None, :], other=0.0)
     acc = tl.dot(Cl.to(DOT), S.to(Cl.dtype).to(DOT), input_precision=PRECISION,
                  out_dtype=ACC) * tl.exp(hi_l + lo_l)[:, None]
-    dt_l = tl.full((BLOCK_L, 1), 1.0, ACC)
     if ROW_DT:  # dt scales the rows t (the backward pass's), not the columns s
         dt_l = tl.load(dt + offs_l * sd_l, mask=ok_l, other=0.0).to(ACC)[:, None]
         acc *= dt_l
     start = acc
     diag = tl.zeros((BLOCK_L,), ACC)  # M_tt, a row's largest term: kept in float32
-    # 1. (L * C B^T) X over the columns s <= t: the blocks of columns left of the
-    # diagonal tile, every entry kept; then the diagonal tile's, masked
-    first = pid_l * BLOCK_L
-    for s0 in range(0, tl.minimum(first, rows), BLOCK_S):
-        acc, diag = column_block(
-            acc, diag, s0, Cl, hi_l, lo_l, dt_l, offs_l, ok_l, offs_p, offs_n, ok_p,
-            ok_n, X, B, dt, cums, rows, lo_at, sx_l, sx_p, sb_l, sb_n, sd_l,
-            BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT, False)
-    for s0 in range(first, tl.minimum(first + BLOCK_L, rows), BLOCK_S):
-        acc, diag = column_block(
-            acc, diag, s0, Cl, hi_l, lo_l, dt_l, offs_l, ok_l, offs_p, offs_n, ok_p,
-            ok_n, X, B, dt, cums, rows, lo_at, sx_l, sx_p, sb_l, sb_n, sd_l,
-            BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT, True)
+    # 1. (L * C B^T) X over the columns s <= t, a block of columns at a time
+    for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, rows), BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ok_s = offs_s < rows
+        hi_s = tl.load(cums + offs_s, mask=ok_s, other=0.0)
+        lo_s = tl.load(cums + lo_at + offs_s, mask=ok_s, other=0.0)
+        Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
+                     mask=ok_s[:, None] & ok_n[None, :], other=0.0)
+        CB = tl.dot(Cl.to(DOT), tl.trans(Bs).to(DOT), input_precision=PRECISION,
+                    out_dtype=ACC)  # recomputed for each head of the group
+        keep = (offs_l[:, None] >= offs_s[None, :]) & ok_l[:, None] & ok_s[None, :]
+        sums = (hi_l[:, None] - hi_s[None, :]) + (lo_l[:, None] - lo_s[None, :])
+        M = CB * tl.exp(tl.where(keep, sums, -float("inf")))  # L, in registers
+        if HAS_DT:
+            M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
+        if ROW_DT:
+            M *= dt_l
+        on = offs_l[:, None] == offs_s[None, :]
+        diag += tl.sum(tl.where(on, M, 0.0), 1)
+        M = tl.where(on, 0.0, M)
+        Xs = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
+                     mask=ok_s[:, None] & ok_p[None, :], other=0.0)
+        acc += tl.dot(M.to(Xs.dtype).to(DOT), Xs.to(DOT), input_precision=PRECISION,
+                      out_dtype=ACC)
     Xl = tl.load(X + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                  mask=ok_l[:, None] & ok_p[None, :], other=0.0)
     return acc + diag[:, None] * Xl.to(ACC), start
