@@ -163,6 +163,23 @@ def check_generation(
 LOOK_EVERY = 16  # on a GPU, tokens between two looks at its results (see below)
 
 
+def _draw_checked(logits, ok, look, temperature, top_k, top_p, generator) -> Tensor:
+    """`_draw`, with `ok` (in place) keeping which rows have all been distributions, and
+    at a `look` a ValueError unless all have. Greedy: one pass over each row gives its
+    largest logit and where it is."""
+    greedy = temperature == 0
+    top, token = logits.max(-1) if greedy else (logits.amax(-1), None)
+    ok &= top.isfinite()  # as _valid_rows: NaN and +inf win the max
+    if look and not ok.all():
+        raise ValueError(_NO_DISTRIBUTION)
+    if greedy:  # a bad row's argmax is still an id; a look raises
+        return token
+    if not look:  # a bad row draws from zeros instead; the next look raises
+        logits = logits.masked_fill(~ok[:, None], 0)
+    return _draw(logits, temperature, top_k, top_p, generator)
+
+
+# %% ../book/07_lm.ipynb #e5f1c7a3
 @torch.inference_mode()
 def _tokens(
     model,
@@ -196,13 +213,10 @@ def _tokens(
             logits, step = graph.prefill(model, input_ids), graph
         for i in range(max_new_tokens):
             logits, last = logits[:, :vocab], i + 1 == max_new_tokens
-            ok &= _valid_rows(logits)
             look = (i + 1) % every == 0 or last
-            if look and not ok.all():
-                raise ValueError(_NO_DISTRIBUTION)
-            if not look:  # a bad row draws from zeros instead; the next look raises
-                logits = logits.masked_fill(~ok[:, None], 0)
-            token = _draw(logits, temperature, top_k, top_p, generator)
+            token = _draw_checked(
+                logits, ok, look, temperature, top_k, top_p, generator
+            )
             if eos is not None:
                 token = token.masked_fill(finished, eos)
                 finished |= token == eos
