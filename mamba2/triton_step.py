@@ -131,7 +131,7 @@ def ssm_step(
     # rows a program: enough for 512 state entries, more while ~768 programs remain
     rows = max(1, 512 // BLOCK_N, b * c.nheads * c.headdim // 768)
     BLOCK_P = block_p or min(
-        triton.next_power_of_2(c.headdim), 1 << rows.bit_length() - 1
+        triton.next_power_of_2(c.headdim), 1 << (rows.bit_length() - 1)
     )
     y, (lo, hi) = zxbcdt.new_empty(b, c.d_inner, dtype=torch.float32), c.dt_limit
     grid = (b * c.nheads, triton.cdiv(c.headdim, BLOCK_P))
