@@ -3,6 +3,7 @@
 # %% auto #0
 __all__ = [
     "INTERPRETED",
+    "OPS",
     "round_like_a_gpu",
     "chunk_states_kernel",
     "dot_types",
@@ -564,7 +565,12 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
 
 
 # %% ../book/09_kernels.ipynb #5e0c2b9d
-@torch.library.custom_op("mamba2::ssd_forward", mutates_args=())
+# the operators' namespace: "mamba2" in the package, another for this chapter's own copy,
+# so that running the chapter does not register the package's names a second time
+OPS = "mamba2" if __name__ == "mamba2.triton_ssd" else "chapter9"
+
+
+@torch.library.custom_op(f"{OPS}::ssd_forward", mutates_args=())
 def ssd_forward_op(
     X: Tensor,
     A: Tensor,
@@ -585,7 +591,7 @@ def _(X, A, B, C, Q, initial_states, dt):  # what torch.compile is told: no kern
 
 
 # %% ../book/09_kernels.ipynb #9b3e6d14
-@torch.library.custom_op("mamba2::ssd_backward", mutates_args=())
+@torch.library.custom_op(f"{OPS}::ssd_backward", mutates_args=())
 def ssd_backward_op(
     X: Tensor,
     A: Tensor,
