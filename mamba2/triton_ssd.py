@@ -565,8 +565,8 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
 
 
 # %% ../book/09_kernels.ipynb #5e0c2b9d
-# the operators' namespace: "mamba2" in the package, another for this chapter's own copy,
-# so that running the chapter does not register the package's names a second time
+# the operators' namespace: "mamba2" in the package, another for the chapter's own
+# copy, so that running the chapter does not register the package's names again
 OPS = "mamba2" if __name__ == "mamba2.triton_ssd" else "chapter9"
 
 
