@@ -40,9 +40,6 @@ def build():
     return mine.train(), other.train()
 
 
-FRESH = torch.contiguous_format  # strides of its own shape
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="block_gpu.json")
@@ -80,7 +77,11 @@ def main():
                         try:
                             # a new tensor: a slice's strides are another guard, and
                             # at batch 1 .contiguous() and .clone() keep them
-                            fn(torch.randn_like(u[:, : l - 37], memory_format=FRESH))
+                            fn(
+                                torch.randn(
+                                    b, l - 37, 768, device="cuda", dtype=u.dtype
+                                )
+                            )
                             r["second_length_recompiled"] = False
                         except Exception as e:
                             r["second_length_recompiled"] = (

@@ -1,11 +1,11 @@
 """The SSD contract, for every implementation behind the front door `ssd(..., impl=...)`: chapter 4's
 plain `ssd_chunked` and chapter 8's tuned `ssd_fast`, each against the float64 oracle."""
 
-import os
 import re
 
 import pytest
 import torch
+from isolated import INTERPRETED
 from oracle import naive_ssd, random_inputs, rel_err
 
 from mamba2 import IMPLEMENTATIONS, ssd_scan
@@ -22,7 +22,7 @@ def ssd(X, A, B, C, chunk_size, initial_states=None, impl="auto"):
     CPU inputs on the GPU, and the results come back."""
     inputs = (X, A, B, C, initial_states)
     cpu = all(t is None or t.device.type == "cpu" for t in inputs)
-    if impl != "triton" or os.environ.get("TRITON_INTERPRET") == "1" or not cpu:
+    if impl != "triton" or INTERPRETED or not cpu:
         return front_door(X, A, B, C, chunk_size, initial_states, impl)
     X, A, B, C, s0 = (None if t is None else t.cuda() for t in inputs)
     Y, final = front_door(X, A, B, C, chunk_size, s0, impl)
@@ -39,7 +39,7 @@ def f32(t):
 @pytest.mark.parametrize("h,g", [(4, 1), (4, 2), (4, 4)])
 @pytest.mark.parametrize("init", [False, True])
 def test_matches_oracle(impl, l, chunk_size, h, g, init):
-    if impl == "triton" and not torch.cuda.is_available() and chunk_size == 3:
+    if impl == "triton" and INTERPRETED and chunk_size == 3:
         if (l, g, init) != (3 * Q + 5, 2, True):  # one case of many tiny chunks
             pytest.skip("interpreted, many tiny chunks are slow: one such case is kept")
     X, A, B, C, s0 = random_inputs(b=2, l=l, h=h, g=g, p=3, n=5, initial_states=init)
@@ -94,7 +94,7 @@ def test_length_zero_returns_initial_state(impl):
 def test_float32_long_sequence_is_stable(impl):
     "65,536 steps with Mamba-2-like decays: float32 stays finite and within 1e-4 of float64."
     # Triton's interpreter runs one program at a time: 4,096 steps there (minutes saved)
-    interpreted = impl == "triton" and not torch.cuda.is_available()
+    interpreted = impl == "triton" and INTERPRETED
     X, A, B, C, s0 = random_inputs(
         b=1,
         l=4096 if interpreted else 65536,
