@@ -5,6 +5,7 @@ __all__ = [
     "INTERPRETED",
     "OPS",
     "round_like_a_gpu",
+    "loop_bounds_from_tensors",
     "chunk_states_kernel",
     "dot_types",
     "tile",
@@ -71,6 +72,27 @@ def round_like_a_gpu() -> None:
 
 if INTERPRETED:
     round_like_a_gpu()
+
+
+# %% ../book/09_kernels.ipynb #5b2e8d90
+def loop_bounds_from_tensors() -> None:
+    "Let Triton's interpreter use a value computed in a kernel as a loop bound."
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)  # where Triton has it
+    if patch is None or getattr(patch, "mended", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda t: int(t.handle.data.item()))
+
+    patch_lang_tensor.mended = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRETED:
+    loop_bounds_from_tensors()
 
 
 # %% ../book/09_kernels.ipynb #e8ee16bd

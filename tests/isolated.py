@@ -7,6 +7,8 @@ import sys
 
 # conftest.py switches the interpreter on where there is no GPU
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# where chapters 9 and 10's kernels run the tests' tensors: the GPU, unless interpreted
+KERNELS_DEVICE = "cpu" if INTERPRETED else "cuda"
 INTERPRETER_ONLY = (
     "these checks feed CPU tensors to the kernels, which only Triton's interpreter runs "
     "(on where there is no GPU); with a GPU, tests/test_chunked.py runs chapter 9's "

@@ -12,14 +12,16 @@ from mamba2.scan import rel_err  # noqa: F401
 
 
 def naive_ssd(X, A, B, C, initial_states=None):
-    "Per-token, per-head float64 recurrence. Shapes as in the SSD contract; returns (Y, final_state)."
-    X, A, B, C = (t.detach().double() for t in (X, A, B, C))
+    """Per-token, per-head float64 recurrence. Shapes as in the SSD contract; returns (Y, final_state).
+    Runs on the CPU; the results go back to the inputs' device."""
+    device = X.device
+    X, A, B, C = (t.detach().double().cpu() for t in (X, A, B, C))
     b, l, h, p = X.shape
     g, n = B.shape[2:]
     state = (
         torch.zeros(b, h, p, n, dtype=torch.float64)
         if initial_states is None
-        else initial_states.detach().double().clone()
+        else initial_states.detach().double().cpu().clone()
     )
     Y = torch.zeros(b, l, h, p, dtype=torch.float64)
     for t in range(l):
@@ -30,4 +32,4 @@ def naive_ssd(X, A, B, C, initial_states=None):
                 + X[:, t, i, :, None] * B[:, t, grp, None, :]
             )
             Y[:, t, i] = (state[:, i] * C[:, t, grp, None, :]).sum(-1)
-    return Y, state
+    return Y.to(device), state.to(device)

@@ -1,9 +1,10 @@
 """Chapter 9's kernels behind the front door: what the SSD contract tests (tests/test_chunked.py, run
-for every implementation) do not cover. Without a GPU the kernels run in Triton's interpreter."""
+for every implementation) do not cover. Without a GPU the kernels run in Triton's interpreter, on CPU
+tensors; with one, on the GPU (the oracle too, in float64)."""
 
 import pytest
 import torch
-from isolated import INTERPRETED, INTERPRETER_ONLY, run_without_triton
+from isolated import INTERPRETED, KERNELS_DEVICE, run_without_triton
 from oracle import naive_ssd
 
 from mamba2 import IMPLEMENTATIONS, Mamba2, Mamba2Config, ssd
@@ -11,8 +12,17 @@ from mamba2.scan import random_ssd_inputs, rel_err
 
 pytestmark = [
     pytest.mark.skipif("triton" not in IMPLEMENTATIONS, reason="needs Triton (Linux)"),
-    pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_ONLY),
+    pytest.mark.skipif(
+        not (INTERPRETED or torch.cuda.is_available()), reason="no GPU, no interpreter"
+    ),
 ]
+
+
+def on_kernels_device(**kwargs):
+    "random_ssd_inputs on the kernels' device."
+    return [
+        t if t is None else t.to(KERNELS_DEVICE) for t in random_ssd_inputs(**kwargs)
+    ]
 
 
 def test_the_package_imports_and_runs_without_triton():
@@ -29,8 +39,8 @@ def test_dt_folded_in_is_x_times_dt():
     "dt given: the kernels multiply it in, in float32; the oracle gets x dt in float64."
     from mamba2.triton_ssd import ssd_triton
 
-    X, A, B, C, s0 = random_ssd_inputs(l=30, initial_states=True)
-    dt = torch.rand(X.shape[:3], dtype=X.dtype)
+    X, A, B, C, s0 = on_kernels_device(l=30, initial_states=True)
+    dt = torch.rand(X.shape[:3], dtype=X.dtype, device=X.device)
     Y, s = ssd_triton(X, A, B, C, 8, s0, dt=dt)
     Y_ref, s_ref = naive_ssd(X * dt[..., None], A, B, C, s0)
     assert rel_err(Y, Y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
@@ -44,10 +54,10 @@ def test_gradients_with_dt_of_zeros_and_negative_values(l):
     from mamba2 import ssd_chunked
     from mamba2.triton_ssd import ssd_triton
 
-    X, A, B, C, s0 = random_ssd_inputs(l=l, g=2, initial_states=True)
+    X, A, B, C, s0 = on_kernels_device(l=l, g=2, initial_states=True)
     dt = torch.randn(
         X.shape[:3], dtype=X.dtype, generator=torch.Generator().manual_seed(1)
-    )
+    ).to(X.device)
     dt[0, 3], dt[1, 10:12] = 0, 0
     grads = []
     for run in (ssd_triton, None):
@@ -76,7 +86,8 @@ def test_gradients_with_dt_of_zeros_and_negative_values(l):
 def test_bad_dt(dt, error, match):
     from mamba2.triton_ssd import ssd_triton
 
-    X, A, B, C, _ = random_ssd_inputs(l=9)
+    X, A, B, C, _ = on_kernels_device(l=9)
+    dt = dt.to(X.device) if isinstance(dt, torch.Tensor) else dt
     with pytest.raises(error, match=match):
         ssd_triton(X, A, B, C, 4, dt=dt)
 
@@ -101,7 +112,7 @@ def test_under_torch_compile_the_kernels_are_one_node_of_one_graph():
     lengths: a second length compiles nothing new. Against the float64 oracle, and the
     gradients against autograd through ssd_chunked (AOTAutograd traces the backward
     operator)."""
-    X, A, B, C, s0 = random_ssd_inputs(l=40, g=2, initial_states=True)
+    X, A, B, C, s0 = on_kernels_device(l=40, g=2, initial_states=True)
 
     def run(X, A, B, C, s0):
         Y, final = ssd(X, A, B, C, 16, s0, impl="triton")
@@ -132,14 +143,14 @@ def test_the_custom_operators_fake_results_match_the_real_ones(with_dt, initial)
     "torch.library.opcheck: schema, fake shapes, types and strides, autograd registration."
     from mamba2.triton_ssd import ssd_backward_op, ssd_forward_op
 
-    X, A, B, C, s0 = random_ssd_inputs(
+    X, A, B, C, s0 = on_kernels_device(
         l=19, g=2, initial_states=initial, dtype=torch.float32
     )
-    dt = torch.rand(X.shape[:3]) if with_dt else None
+    dt = torch.rand(X.shape[:3], device=X.device) if with_dt else None
     args = (X, A, B, C, 8, s0, dt)
     torch.library.opcheck(ssd_forward_op, args, test_utils="test_faketensor")
     torch.library.opcheck(ssd_forward_op, args, test_utils="test_schema")
-    dY, dfinal = torch.randn_like(X), torch.randn(2, 4, 8, 16)
+    dY, dfinal = torch.randn_like(X), torch.randn(2, 4, 8, 16, device=X.device)
     for test in ("test_faketensor", "test_schema"):
         torch.library.opcheck(ssd_backward_op, (*args, dY, dfinal), test_utils=test)
 
@@ -159,6 +170,7 @@ def test_bfloat16_gradients_with_dt_folded_in_are_as_close_as_with_x_dt_rounded_
     a = -torch.empty(h).uniform_(1, 16, generator=gen)
     B, C = (torch.randn(b, l, 1, n, generator=gen).bfloat16() for _ in "BC")
     dY = torch.randn(b, l, h, p, generator=gen).bfloat16()
+    x, dt, a, B, C, dY = (t.to(KERNELS_DEVICE) for t in (x, dt, a, B, C, dY))
 
     def dt_grad(run, dtype):
         leaves = [t.to(dtype).requires_grad_() for t in (x, B, C)]
@@ -186,8 +198,8 @@ def test_a_compiled_bfloat16_block_asking_for_the_kernels_matches_the_eager_bloc
     Tolerance: bfloat16 outputs of two computations, a few units of 2^-8."""
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=64, d_state=16, headdim=16, chunk_size=32, impl="triton")
-    block = Mamba2(cfg, dtype=torch.bfloat16)
-    u = torch.randn(2, 100, 64, dtype=torch.bfloat16)
+    block = Mamba2(cfg, dtype=torch.bfloat16).to(KERNELS_DEVICE)
+    u = torch.randn(2, 100, 64, dtype=torch.bfloat16, device=KERNELS_DEVICE)
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(block, dynamic=True, fullgraph=True)
