@@ -11,7 +11,7 @@ the convolution windows hold in_proj outputs, copied, and are equal bitwise."""
 import pytest
 import torch
 from block_oracle import randomize_
-from isolated import INTERPRETED, INTERPRETER_ONLY, run_without_triton
+from isolated import INTERPRETED, INTERPRETER_ONLY, KERNELS_DEVICE, run_without_triton
 from oracle import rel_err
 from test_step import SMALL, VARIANTS
 
@@ -20,8 +20,12 @@ from mamba2.ssd import has_triton
 
 pytestmark = [
     pytest.mark.skipif(not has_triton(), reason="needs Triton (Linux)"),
-    pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_ONLY),
+    pytest.mark.skipif(
+        not (INTERPRETED or torch.cuda.is_available()), reason="no GPU, no interpreter"
+    ),
 ]
+# the checks of a CPU model's behaviour: where the kernels run on CPU tensors only
+cpu_only = pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_ONLY)
 
 # chapter 6's tests' variants (groups, dt_limit, learned start; norm_before_gate, D per channel, biases;
 # d_conv 2), and more
@@ -40,7 +44,7 @@ def block_of(options, dtype, seed=0):
     block = randomize_(Mamba2(cfg), seed=seed)
     if cfg.learnable_init_states:  # a learned start that is not zero
         assert block.init_states.abs().sum() > 0
-    return block.to(dtype).eval()
+    return block.to(KERNELS_DEVICE, dtype).eval()
 
 
 def run_both(block, dtype, b=2, prompt=3, tokens=3, block_p=None):
@@ -48,7 +52,8 @@ def run_both(block, dtype, b=2, prompt=3, tokens=3, block_p=None):
     from mamba2 import triton_step
 
     gen = torch.Generator().manual_seed(7)
-    u = torch.randn(b, prompt + tokens, block.config.d_model, generator=gen).to(dtype)
+    u = torch.randn(b, prompt + tokens, block.config.d_model, generator=gen)
+    u = u.to(KERNELS_DEVICE, dtype)
     with torch.no_grad():
         plain, mine = block.allocate_cache(b), block.allocate_cache(b)
         if prompt:
@@ -105,7 +110,7 @@ def tiny_model(dtype=torch.float32, seed=0, **options):
         **{**SMALL, "n_layer": 2, "vocab_size": 40, "pad_vocab_size_multiple": 8},
         **options,
     )
-    return Mamba2LMHeadModel(config).to(dtype).eval()
+    return Mamba2LMHeadModel(config).to(KERNELS_DEVICE, dtype).eval()
 
 
 @pytest.mark.parametrize(
@@ -121,6 +126,7 @@ def test_model_step_matches_next_logits(dtype, options):
 
     model = tiny_model(dtype, **options)
     ids = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(KERNELS_DEVICE)
     with torch.no_grad():
         plain, mine = model.allocate_cache(2), model.allocate_cache(2)
         model(ids, plain), model(ids, mine)
@@ -136,6 +142,7 @@ def test_model_step_matches_next_logits(dtype, options):
             token = expected[:, :40].argmax(-1)
 
 
+@cpu_only
 def test_greedy_tokens_are_generate_s_at_float32():
     "generate on a CPU runs the plain step; greedy decoding with the kernels gives its tokens."
     from mamba2 import triton_step
@@ -156,10 +163,12 @@ def test_an_empty_batch():
 
     model = tiny_model()
     cache = model.allocate_cache(0)
-    logits = triton_step.step(model, torch.zeros(0, dtype=torch.long), cache)
+    none = torch.zeros(0, dtype=torch.long, device=KERNELS_DEVICE)
+    logits = triton_step.step(model, none, cache)
     assert logits.shape == (0, model.lm_head.weight.shape[0])
     block = model.backbone.layers[0].mixer
-    y = triton_step.step_kernels(block, torch.zeros(0, 1, 32), block.allocate_cache(0))
+    u = torch.zeros(0, 1, 32, device=KERNELS_DEVICE)
+    y = triton_step.step_kernels(block, u, block.allocate_cache(0))
     assert y.shape == (0, 1, 32)
 
 
@@ -171,13 +180,13 @@ def test_bad_input_names_the_argument():
 
     block = block_of({}, torch.float32)
     cache = block.allocate_cache(2)
-    u = torch.randn(2, 1, 32)
+    u = torch.randn(2, 1, 32, device=KERNELS_DEVICE)
     with pytest.raises(
         ValueError, match=r"step takes one token u: \(b, 1, d_model = 32\)"
     ):
-        triton_step.step_kernels(block, torch.randn(2, 3, 32), cache)
+        triton_step.step_kernels(block, u.expand(2, 3, 32), cache)
     with pytest.raises(ValueError, match=r"u must have shape \(b, l, d_model = 32\)"):
-        triton_step.step_kernels(block, torch.randn(2, 1, 31), cache)
+        triton_step.step_kernels(block, u[..., :31], cache)
     with pytest.raises(ValueError, match=r"cache.conv_state must have shape"):
         triton_step.step_kernels(block, u, block.allocate_cache(3))
     with pytest.raises(
@@ -193,9 +202,9 @@ def test_bad_input_names_the_argument():
         triton_step.step_kernels(block64, u.double(), block64.allocate_cache(2))
     model = tiny_model()
     with pytest.raises(ValueError, match=r"token must be token ids in \[0, 40\)"):
-        triton_step.step(model, torch.tensor([1, 40]), model.allocate_cache(2))
+        triton_step.step(model, u.new_tensor([1, 40]).long(), model.allocate_cache(2))
     with pytest.raises(TypeError, match=r"token must be an integer tensor \(b,\)"):
-        triton_step.step(model, torch.tensor([1.0, 2.0]), model.allocate_cache(2))
+        triton_step.step(model, u.new_tensor([1.0, 2.0]), model.allocate_cache(2))
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
@@ -211,6 +220,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
         triton_step.step_kernels(block, torch.randn(1, 1, 32), block.allocate_cache(1))
 
 
+@cpu_only
 def test_graphs_pick_the_kernels_only_where_they_run():
     from mamba2.graphs import _use_kernels
 
