@@ -3,6 +3,7 @@
 # %% auto #0
 __all__ = [
     "INTERPRETED",
+    "FLOAT64_DOTS",
     "OPS",
     "round_like_a_gpu",
     "loop_bounds_from_tensors",
@@ -42,6 +43,9 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+# float64 matrix products (tl.dot), for float64 inputs: Triton 3.5 and later
+FLOAT64_DOTS = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 5)
 
 from .chunked import check_chunk_size  # noqa: E402
 from .fast import ssd_fast  # noqa: E402
@@ -83,9 +87,13 @@ def loop_bounds_from_tensors() -> None:
     if patch is None or getattr(patch, "mended", False):
         return
 
-    def patch_lang_tensor(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda t: int(t.handle.data.item()))
+    def patch_lang_tensor(tensor, *scope):  # a scope: Triton 3.6's; none: older ones'
+        patch(tensor, *scope)
+        index = lambda t: int(t.handle.data.item())
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patch_lang_tensor.mended = True
     interpreter._patch_lang_tensor = patch_lang_tensor
@@ -683,6 +691,11 @@ def ssd_triton(
             f"ssd_triton runs CUDA tensors, or CPU tensors under Triton's interpreter "
             f"(TRITON_INTERPRET=1 before Triton is first imported); got {X.device} "
             f"tensors with the interpreter {'on' if INTERPRETED else 'off'}"
+        )
+    if X.dtype == torch.float64 and not FLOAT64_DOTS:
+        raise TypeError(
+            f"ssd_triton runs float64 with Triton 3.5 or later (float64 matrix products); "
+            f"Triton {triton.__version__} is installed: upgrade it, or use impl='chunked'"
         )
     if 0 in (b, l, h, p, n):  # no work for a kernel: the tuned path's empty result
         X = X if dt is None else X * dt[..., None].to(X.dtype)

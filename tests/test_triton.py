@@ -92,6 +92,18 @@ def test_bad_dt(dt, error, match):
         ssd_triton(X, A, B, C, 4, dt=dt)
 
 
+def test_float64_with_a_triton_before_3_5_is_refused_by_name(monkeypatch):
+    "Triton before 3.5 has no float64 matrix products: a clear error, not its assertion."
+    from mamba2 import triton_ssd
+
+    monkeypatch.setattr(triton_ssd, "FLOAT64_DOTS", False)
+    X, A, B, C, _ = on_kernels_device(l=9)
+    with pytest.raises(TypeError, match=r"float64 with Triton 3.5 or later.*installed"):
+        triton_ssd.ssd_triton(X, A, B, C, 4)
+    Y, _ = triton_ssd.ssd_triton(X.float(), A, B.float(), C.float(), 4)  # others run
+    assert Y.dtype == torch.float32
+
+
 def test_under_torch_compile_auto_on_a_cpu_runs_ssd_fast(monkeypatch):
     "On a CPU the kernels are interpreted: 'auto' picks the tuned PyTorch path, compiled too."
     calls = []
