@@ -694,8 +694,9 @@ def ssd_triton(
         )
     if X.dtype == torch.float64 and not FLOAT64_DOTS:
         raise TypeError(
-            f"ssd_triton runs float64 with Triton 3.5 or later (float64 matrix products); "
-            f"Triton {triton.__version__} is installed: upgrade it, or use impl='chunked'"
+            f"ssd_triton runs float64 with Triton 3.5 or later (float64 matrix "
+            f"products); Triton {triton.__version__} is installed: upgrade it, or "
+            f"use impl='chunked'"
         )
     if 0 in (b, l, h, p, n):  # no work for a kernel: the tuned path's empty result
         X = X if dt is None else X * dt[..., None].to(X.dtype)
