@@ -5,14 +5,18 @@ import os
 import subprocess
 import sys
 
+import torch
+
 # conftest.py switches the interpreter on where there is no GPU
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # where chapters 9 and 10's kernels run the tests' tensors: the GPU, unless interpreted
 KERNELS_DEVICE = "cpu" if INTERPRETED else "cuda"
+# neither: TRITON_INTERPRET=0 set by hand on a machine without a GPU
+NO_KERNELS = "the kernels need a GPU or Triton's interpreter (TRITON_INTERPRET=1)"
+KERNELS_RUN = INTERPRETED or torch.cuda.is_available()
 INTERPRETER_ONLY = (
-    "these checks feed CPU tensors to the kernels, which only Triton's interpreter runs "
-    "(on where there is no GPU); with a GPU, tests/test_chunked.py runs chapter 9's "
-    "kernels and tests/test_decode.py chapter 10's on it"
+    "these checks are of a CPU model, whose step runs the kernels only in Triton's "
+    "interpreter (on where there is no GPU)"
 )
 
 

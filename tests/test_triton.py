@@ -4,7 +4,7 @@ tensors; with one, on the GPU (the oracle too, in float64)."""
 
 import pytest
 import torch
-from isolated import INTERPRETED, KERNELS_DEVICE, run_without_triton
+from isolated import KERNELS_DEVICE, KERNELS_RUN, NO_KERNELS, run_without_triton
 from oracle import naive_ssd
 
 from mamba2 import IMPLEMENTATIONS, Mamba2, Mamba2Config, ssd
@@ -12,9 +12,7 @@ from mamba2.scan import random_ssd_inputs, rel_err
 
 pytestmark = [
     pytest.mark.skipif("triton" not in IMPLEMENTATIONS, reason="needs Triton (Linux)"),
-    pytest.mark.skipif(
-        not (INTERPRETED or torch.cuda.is_available()), reason="no GPU, no interpreter"
-    ),
+    pytest.mark.skipif(not KERNELS_RUN, reason=NO_KERNELS),
 ]
 
 

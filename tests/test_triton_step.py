@@ -11,7 +11,14 @@ the convolution windows hold in_proj outputs, copied, and are equal bitwise."""
 import pytest
 import torch
 from block_oracle import randomize_
-from isolated import INTERPRETED, INTERPRETER_ONLY, KERNELS_DEVICE, run_without_triton
+from isolated import (
+    INTERPRETED,
+    INTERPRETER_ONLY,
+    KERNELS_DEVICE,
+    KERNELS_RUN,
+    NO_KERNELS,
+    run_without_triton,
+)
 from oracle import rel_err
 from test_step import SMALL, VARIANTS
 
@@ -20,9 +27,7 @@ from mamba2.ssd import has_triton
 
 pytestmark = [
     pytest.mark.skipif(not has_triton(), reason="needs Triton (Linux)"),
-    pytest.mark.skipif(
-        not (INTERPRETED or torch.cuda.is_available()), reason="no GPU, no interpreter"
-    ),
+    pytest.mark.skipif(not KERNELS_RUN, reason=NO_KERNELS),
 ]
 # the checks of a CPU model's behaviour: where the kernels run on CPU tensors only
 cpu_only = pytest.mark.skipif(not INTERPRETED, reason=INTERPRETER_ONLY)
