@@ -7,6 +7,7 @@ __all__ = [
     "filter_logits",
     "sample",
     "check_generation",
+    "greedy_draw",
     "stream",
 ]
 
@@ -163,20 +164,31 @@ def check_generation(
 LOOK_EVERY = 16  # on a GPU, tokens between two looks at its results (see below)
 
 
-def _draw_checked(logits, ok, look, temperature, top_k, top_p, generator) -> Tensor:
-    """`_draw`, with `ok` (in place) keeping which rows have all been distributions, and
-    at a `look` a ValueError unless all have. Greedy: one pass over each row gives its
-    largest logit and where it is."""
-    greedy = temperature == 0
-    top, token = logits.max(-1) if greedy else (logits.amax(-1), None)
-    ok &= top.isfinite()  # as _valid_rows: NaN and +inf win the max
-    if look and not ok.all():
-        raise ValueError(_NO_DISTRIBUTION)
-    if greedy:  # a bad row's argmax is still an id; a look raises
-        return token
-    if not look:  # a bad row draws from zeros instead; the next look raises
-        logits = logits.masked_fill(~ok[:, None], 0)
-    return _draw(logits, temperature, top_k, top_p, generator)
+def _ended(token: Tensor, finished: Tensor, eos) -> Tensor:
+    "`eos` (an id, -1: none) for rows already `finished`; rows that give it finish."
+    token = torch.where(finished, eos, token)
+    finished |= token == eos
+    return token
+
+
+def greedy_draw(logits: Tensor, ok: Tensor, finished: Tensor, eos) -> Tensor:
+    """The argmax of each row of `logits: (b, vocab)`, with nothing that waits for the
+    device. One pass gives each row's largest logit and where it is: `ok &=` whether
+    that logit is finite, as in `_valid_rows`; then `_ended`."""
+    top, token = logits.max(-1)
+    ok &= top.isfinite()  # a bad row's argmax is still an id; a look raises
+    return _ended(token, finished, eos)
+
+
+def _draw_checked(logits, ok, finished, eos, temperature, top_k, top_p, generator):
+    """A token a row, with nothing that waits for the device: `greedy_draw` at
+    temperature 0, else `_draw` with `ok` and `finished` kept in the same way; a row
+    that is no distribution draws from zeros instead, and the next look raises."""
+    if temperature == 0:
+        return greedy_draw(logits, ok, finished, eos)
+    ok &= logits.amax(-1).isfinite()
+    logits = logits.masked_fill(~ok[:, None], 0)
+    return _ended(_draw(logits, temperature, top_k, top_p, generator), finished, eos)
 
 
 # %% ../book/07_lm.ipynb #e5f1c7a3
@@ -198,32 +210,36 @@ def _tokens(
     last: a look waits for the device; between looks nothing does."""
     if not max_new_tokens:
         return
-    b, vocab, eos = len(input_ids), model.config.vocab_size, eos_token_id
+    b, vocab = len(input_ids), model.config.vocab_size
     if cuda_graph is None:
         cuda_graph = input_ids.is_cuda and b > 0 and max_new_tokens > 1
-    ok = torch.ones(b, dtype=torch.bool, device=input_ids.device)
-    finished = torch.zeros_like(ok)
     with graphed_step(model, b) if cuda_graph else nullcontext() as graph:
         if graph is None:  # the prompt in one pass, then a step a token
             cache = model.allocate_cache(b)
             logits = model.lm_head(model.hidden_states(input_ids, cache)[:, -1])
             # the sampled tokens are ids < vocab: the step's checks have nothing to find
             step = partial(model.next_logits, cache=cache)
+            ok = torch.ones(b, dtype=torch.bool, device=input_ids.device)
+            finished = torch.zeros_like(ok)
+            eos = -1 if eos_token_id is None else eos_token_id  # no token is -1
         else:  # the prompt and then each token replayed from graphs
             logits, step = graph.prefill(model, input_ids), graph
+            ok, finished, eos = graph.start(eos_token_id)
+        state, sampling = (ok, finished, eos), (temperature, top_k, top_p, generator)
         for i in range(max_new_tokens):
-            logits, last = logits[:, :vocab], i + 1 == max_new_tokens
+            if not i:  # from the prompt's logits
+                token = _draw_checked(logits[:, :vocab], *state, *sampling)
+            elif graph is not None and temperature == 0:
+                token = graph.greedy(model, token)  # the step and the draw: one replay
+            else:
+                token = _draw_checked(step(token)[:, :vocab], *state, *sampling)
+            last = i + 1 == max_new_tokens
             look = (i + 1) % every == 0 or last
-            token = _draw_checked(
-                logits, ok, look, temperature, top_k, top_p, generator
-            )
-            if eos is not None:
-                token = token.masked_fill(finished, eos)
-                finished |= token == eos
+            if look and not ok.all():
+                raise ValueError(_NO_DISTRIBUTION)
             yield token
-            if last or (eos is not None and look and finished.all()):
+            if last or (eos_token_id is not None and look and finished.all()):
                 return
-            logits = step(token)
 
 
 # %% ../book/07_lm.ipynb #7b2e5f90

@@ -36,6 +36,19 @@ def _use_kernels(model: Mamba2LMHeadModel, kernels: bool | None = None) -> bool:
     return kernels
 
 
+def _step(model: Mamba2LMHeadModel, token, cache, kernels: bool) -> tuple:
+    """`model.next_logits` on `token` and `cache` (chapter 10's with `kernels`): a
+    warm-up that checks the arguments, and what a graph captures, which does not (a
+    check would wait for the device)."""
+    warm = run = partial(model.next_logits, token, cache)
+    if kernels:  # imported here: Triton is optional
+        from mamba2 import triton_step
+
+        warm = partial(triton_step.step, model, token, cache)
+        run = partial(triton_step.next_logits, model, token, cache)
+    return warm, run
+
+
 def _captured(warm: Callable, run: Callable) -> tuple:
     "`run` captured in a CUDA graph after two runs of `warm`: the graph, its output."
     side = torch.cuda.Stream()  # warm up off the main stream, as capture wants
@@ -54,8 +67,9 @@ class GraphedStep:
     """`model.next_logits` for one batch size, captured once in a CUDA graph and
     replayed after: one launch instead of one per kernel. The graph reads and updates
     tensors of its own, `token` and `cache`: `prefill` a prompt into them (or `load` a
-    prefilled cache). `kernels`: capture chapter 10's step instead (None: where it
-    runs). `pieces`: the lengths of prompt that graphs of the forward pass take."""
+    prefilled cache). `greedy` replays a step and its greedy draw as one graph.
+    `kernels`: capture chapter 10's step instead (None: where it runs). `pieces`: the
+    lengths of prompt that graphs of the forward pass take."""
 
     @torch.inference_mode()
     def __init__(
@@ -68,16 +82,12 @@ class GraphedStep:
         self.cache, self.weights, self.busy = model.allocate_cache(batch), (), False
         device = self.cache[0].ssm_state.device
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ok = torch.ones(batch, dtype=torch.bool, device=device)  # greedy's state
+        self.finished, self.eos = torch.zeros_like(self.ok), self.token.new_tensor(-1)
         self.kernels = _use_kernels(model, kernels)
         self.pieces, self.prompt = sorted(pieces, reverse=True), {}  # graphs: when used
-        run = warm = partial(model.next_logits, self.token, self.cache)
-        if self.kernels:  # imported here: Triton is optional
-            from mamba2 import triton_step
-
-            # the warm-up checks the arguments; the graph does not, as a check would
-            # wait for the device
-            warm = partial(triton_step.step, model, self.token, self.cache)
-            run = partial(triton_step.next_logits, model, self.token, self.cache)
+        self.drawing = self.drawn = None  # greedy's graph (when used), its last token
+        warm, run = _step(model, self.token, self.cache, self.kernels)
         self.graph, self.logits = _captured(warm, run)
         self.weights = _weights(model)  # no reference to the model itself is kept
 
@@ -93,7 +103,18 @@ class GraphedStep:
         "Next-token logits `(b, vocab)` after `token: (b,)`: the graph replayed."
         self.token.copy_(token)
         self.graph.replay()
+        self.drawn = None  # `token` is no longer greedy's last
         return self.logits  # overwritten by the next replay
+
+    @contextmanager
+    def _kept(self) -> Iterator[None]:
+        "Leaves the cache, the token and greedy's state as they were (after warm-ups)."
+        state = [self.token, self.ok, self.finished]
+        state += [t for c in self.cache for t in (c.conv_state, c.ssm_state)]
+        kept = [t.clone() for t in state]
+        yield
+        for t, before in zip(state, kept):
+            t.copy_(before)
 
     @torch.inference_mode()
     def prefill(self, model: Mamba2LMHeadModel, input_ids: Tensor) -> Tensor:
@@ -114,22 +135,47 @@ class GraphedStep:
     def _piece(self, model: Mamba2LMHeadModel, size: int, ids: Tensor) -> Tensor:
         "The graph of the forward pass over `size` tokens replayed on `ids`."
         if size not in self.prompt:
-            mine, kept = (
-                ids.clone(),
-                [(c.conv_state.clone(), c.ssm_state.clone()) for c in self.cache],
-            )
+            mine = ids.clone()
 
             def last() -> Tensor:  # ids checked by the caller: no look at the device
                 hidden = model.run_layers(model._residual(mine), self.cache)
                 return model.lm_head(hidden[:, -1])
 
-            self.prompt[size] = mine, *_captured(last, last)
-            for c, (conv, ssm) in zip(self.cache, kept):  # as before the warm-up
-                c.conv_state.copy_(conv), c.ssm_state.copy_(ssm)
+            with self._kept():
+                self.prompt[size] = mine, *_captured(last, last)
         mine, graph, logits = self.prompt[size]
         mine.copy_(ids)
         graph.replay()
         return logits
+
+    def start(self, eos_token_id: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        "Greedy's state for a new generation: `ok`, `finished` and `eos` (-1: none)."
+        self.ok.fill_(True), self.finished.fill_(False)
+        self.eos.fill_(-1 if eos_token_id is None else eos_token_id)
+        return self.ok, self.finished, self.eos
+
+    @torch.inference_mode()
+    def greedy(self, model: Mamba2LMHeadModel, token: Tensor) -> Tensor:
+        """The greedy token `(b,)` after `token: (b,)`: the step and its draw
+        (`greedy_draw` with `ok`, `finished` and `eos`) replayed from one graph,
+        captured at first use. The token it returned last is in place already."""
+        if self.drawing is None:
+            from .generation import greedy_draw  # here: generation imports this module
+
+            run = _step(model, self.token, self.cache, self.kernels)[1]
+            vocab = model.config.vocab_size
+
+            def draw() -> None:
+                token = greedy_draw(run()[:, :vocab], self.ok, self.finished, self.eos)
+                self.token.copy_(token)
+
+            with self._kept():
+                self.drawing = _captured(draw, draw)[0]
+        if token is not self.drawn:
+            self.token.copy_(token)
+        self.drawing.replay()
+        self.drawn = self.token.clone()  # the next replay overwrites `token`
+        return self.drawn
 
 
 _KEPT = weakref.WeakKeyDictionary()  # a model -> its last GraphedStep

@@ -137,6 +137,23 @@ def test_valid_rows_is_the_old_check():
 
 # ---- on a GPU: the kept graphs --------------------------------------------------------------------------------
 
+
+def test_greedy_draw_notes_bad_rows_and_finished_ones_without_waiting():
+    "The argmax; NaN, +inf or all -inf noted in `ok`; finished rows give EOS and stay so."
+    inf, nan = torch.inf, torch.nan
+    logits = torch.tensor(
+        [[0.0, 2.0, 1.0], [nan, 0.0, 5.0], [-inf, -inf, -inf], [3.0, 0.0, 0.0]]
+    )
+    ok, finished = torch.ones(4, dtype=torch.bool), torch.tensor([0, 0, 0, 1]).bool()
+    token = generation.greedy_draw(logits, ok, finished, 1)
+    assert ok.tolist() == [True, False, False, True]
+    assert token[0] == 1 and token[3] == 1  # the argmax, and EOS for a finished row
+    assert ((0 <= token) & (token < 3)).all()  # a bad row's token is still an id
+    assert finished.tolist() == [True, False, False, True]  # row 0 gave EOS
+    token = generation.greedy_draw(logits, ok, torch.zeros(4).bool(), -1)  # no EOS
+    assert token[3] == 0 and ok.tolist() == [True, False, False, True]
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -190,6 +207,34 @@ def test_a_prompt_through_graphs_gives_the_forward_pass_logits_and_cache(length)
         for mine, theirs in zip(graphed.cache, cache):
             assert rel(mine.ssm_state, theirs.ssm_state) < 1e-4
             assert rel(mine.conv_state, theirs.conv_state) < 1e-4
+
+
+@gpu
+@torch.inference_mode()
+def test_the_greedy_graph_is_the_step_s_graph_then_greedy_draw():
+    """`GraphedStep.greedy` replays the step and its greedy draw as one graph: the same
+    kernels on the same tensors as the step's graph followed by `greedy_draw` launched
+    from Python, in the same order. The same computation, so the same tokens and the
+    same bookkeeping, bit for bit; with a token it did not return, it starts from it."""
+    from mamba2.generation import greedy_draw
+    from mamba2.graphs import GraphedStep
+
+    model, ids = tiny("cuda"), PROMPT.cuda()
+    runs = []
+    for replayed in (False, True):
+        graphed = GraphedStep(model, len(ids))
+        logits = graphed.prefill(model, ids)
+        ok, finished, eos = graphed.start(eos_token_id=5)
+        tokens = [greedy_draw(logits[:, :VOCAB], ok, finished, eos)]
+        for i in range(20):
+            token = tokens[-1] if i != 10 else tokens[-1].flip(0)  # a token of our own
+            if replayed:
+                tokens.append(graphed.greedy(model, token))
+            else:
+                tokens.append(greedy_draw(graphed(token)[:, :VOCAB], ok, finished, eos))
+        runs.append((torch.stack(tokens, 1), ok.clone(), finished.clone()))
+    for plain, replayed in zip(*runs):
+        assert torch.equal(plain, replayed)
 
 
 @gpu
