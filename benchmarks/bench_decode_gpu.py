@@ -2,7 +2,7 @@
 Triton kernels) beside mamba_ssm's `generate` (cg=False, cg=True).
 
     PARTS=decode bash benchmarks/run_gpu.sh [OUTDIR]      # the GPU suite's way: mamba_ssm's source on the path
-    python benchmarks/bench_decode_gpu.py [--batches 1,16] [--new 128] [--repeats 3] [--out FILE]
+    python benchmarks/bench_decode_gpu.py [--batches 1,16] [--new 128] [--repeats 3] [--sweep] [--out FILE]
 
 A mamba2-130m-shaped model (d_model 768, 24 layers, vocabulary 50277 padded to 50288, d_state 128, headdim 64),
 bfloat16, random weights: mamba_ssm's `MambaLMHeadModel` is built and initialised by mamba_ssm, saved in its
@@ -16,6 +16,8 @@ Also: the kernels one step launches (torch.profiler), plain and fused, and the t
 by kernel and replayed from the graph, for both; and the prompt's time alone (64 and 100 tokens), the forward
 pass launched op by op against `GraphedStep.prefill` (whole 64-token pieces from a graph, the rest a step each). Without mamba_ssm importable, ours alone is measured and the
 reason is recorded; without Triton, the fused variant is left out and the reason recorded.
+`--sweep`: the fused step's time with kernel A's tiles of 4-64 rows and 2, 4 or 8 warps, at each batch and 64
+(`kernel_a_sweep`).
 """
 
 import argparse
@@ -256,12 +258,46 @@ def prefill_costs(model, batch, lengths=(PROMPT, PROMPT + 36), calls=10):
     return out
 
 
+@torch.inference_mode()
+def kernel_a_sweep(model, batches, heights=(4, 8, 16, 32, 64), warps=(2, 4, 8)):
+    """The fused step's time (ms, its graph replayed; triton.testing.do_bench, best of
+    two) with kernel A's tiles of each height and warps, and as the launcher picks them
+    ("picked"): the whole step, so that the states come from memory as in decoding."""
+    from triton.testing import do_bench
+
+    from mamba2 import triton_step
+
+    picked, out = triton_step.ssm_step, {}
+    try:
+        for b in batches:
+            rows = []
+            for tile in [None] + [(h, w) for h in heights for w in warps]:
+                triton_step.ssm_step = (
+                    picked
+                    if tile is None
+                    else partial(picked, block_p=tile[0], warps=tile[1])
+                )
+                graphed = GraphedStep(model, b, kernels=True)
+                ms = min(do_bench(graphed.graph.replay, rep=150) for _ in range(2))
+                rows.append(
+                    dict(block_p="picked", warps="picked")
+                    if tile is None
+                    else dict(block_p=tile[0], warps=tile[1])
+                )
+                rows[-1]["step_ms"] = round(ms, 4)
+            out[str(b)] = sorted(rows, key=lambda r: r["step_ms"])
+    finally:
+        triton_step.ssm_step = picked
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out")
+    ap.add_argument("--sweep", action="store_true", help="kernel A's tiles and warps")
     args = ap.parse_args()
     dtype = torch.bfloat16
     ours, theirs, why = build_models(dtype)
@@ -310,6 +346,9 @@ def main():
             },
         )
     print(json.dumps(res["step"]), flush=True)
+    if args.sweep and has_triton():
+        res["kernel_a_sweep"] = kernel_a_sweep(ours, sorted({*batches, 64}))
+        print("kernel_a_sweep", json.dumps(res["kernel_a_sweep"]), flush=True)
     res["prefill"] = {str(b): prefill_costs(ours, b) for b in batches}
     print("prefill", json.dumps(res["prefill"]), flush=True)
     for b in batches:

@@ -49,7 +49,7 @@ fi
 # 4. decoding (PARTS=decode): ours, plain and replayed from a CUDA graph, beside mamba_ssm's
 #    generate with cg=False and cg=True, the same weights in both, batch 1 and 16
 if [[ ",$PARTS," == *",decode,"* ]]; then
-  PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_decode_gpu.py --out "$OUT/decode_gpu.json" 2>&1 | tee "$OUT/decode_gpu.log"
+  PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_decode_gpu.py --sweep --out "$OUT/decode_gpu.json" 2>&1 | tee "$OUT/decode_gpu.log"
 fi
 # 5. chapter 9's Triton kernels beside mamba_ssm's (PARTS=kernels): forward at every shape, forward + backward at
 #    (8, 4k), each kernel's time and a sweep of tile sizes

@@ -122,14 +122,19 @@ def ssm_step_kernel(
 
 # %% ../book/10_decoding.ipynb #726e79f3
 def ssm_step(
-    block: Mamba2, zxbcdt: Tensor, cache: InferenceCache, block_p: int | None = None
+    block: Mamba2,
+    zxbcdt: Tensor,
+    cache: InferenceCache,
+    block_p: int | None = None,
+    warps: int = 8,
 ) -> Tensor:
     """Kernel A on the `in_proj` output `zxbcdt: (b, 2 d_inner + 2 g n + h)`: updates
-    `cache.ssm_state`, slides x's conv windows; returns `y: (b, d_inner)`, float32."""
+    `cache.ssm_state`, slides x's conv windows; returns `y: (b, d_inner)`, float32.
+    `block_p` rows of a head a program (None: see the text), `warps` warps each."""
     c, w, s, cs = block.config, block.conv1d.weight, cache.ssm_state, cache.conv_state
     b, BLOCK_N = len(zxbcdt), triton.next_power_of_2(c.d_state)
-    # rows a program: enough for 512 state entries, more while ~768 programs remain
-    rows = max(1, 512 // BLOCK_N, b * c.nheads * c.headdim // 768)
+    # rows a program: enough for 2048 state entries, more while ~384 programs remain
+    rows = max(1, 2048 // BLOCK_N, b * c.nheads * c.headdim // 384)
     BLOCK_P = block_p or min(
         triton.next_power_of_2(c.headdim), 1 << (rows.bit_length() - 1)
     )
@@ -143,7 +148,7 @@ def ssm_step(
         w.stride(2), *s.stride(), K=c.d_conv, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         BLOCK_K=triton.next_power_of_2(c.d_conv),
         HAS_BIAS=block.conv1d.bias is not None, D_HAS_HDIM=c.D_has_hdim,
-        CLAMP=(lo, hi) != (0.0, math.inf),
+        CLAMP=(lo, hi) != (0.0, math.inf), num_warps=warps,
     )  # fmt: skip
     return y
 
