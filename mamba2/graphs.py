@@ -148,6 +148,7 @@ class GraphedStep:
         graph.replay()
         return logits
 
+    @torch.inference_mode()
     def start(self, eos_token_id: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         "Greedy's state for a new generation: `ok`, `finished` and `eos` (-1: none)."
         self.ok.fill_(True), self.finished.fill_(False)
@@ -158,7 +159,8 @@ class GraphedStep:
     def greedy(self, model: Mamba2LMHeadModel, token: Tensor) -> Tensor:
         """The greedy token `(b,)` after `token: (b,)`: the step and its draw
         (`greedy_draw` with `ok`, `finished` and `eos`) replayed from one graph,
-        captured at first use. The token it returned last is in place already."""
+        captured at first use. The token it returned last is in place already: it is
+        not copied again."""
         if self.drawing is None:
             from .generation import greedy_draw  # here: generation imports this module
 
