@@ -33,3 +33,18 @@ def naive_ssd(X, A, B, C, initial_states=None):
             )
             Y[:, t, i] = (state[:, i] * C[:, t, grp, None, :]).sum(-1)
     return Y.to(device), state.to(device)
+
+
+def agree_until_near_tie(model, ids, a, b, vocab, tol=1e-3):
+    """Whether the greedy continuations `a` and `b` of `ids`, made by two computations of
+    `model` (the plain step and the kernels', say), agree at every step before the first
+    where `a`'s two largest logits are within `tol` of each other, relative to the
+    largest: there a rounding may tip the argmax either way, and after it the two
+    sequences may differ by right."""
+    start = ids.shape[1]
+    with torch.no_grad():
+        logits = model(a)[:, start - 1 : -1, :vocab].float()
+    top = logits.topk(2, dim=-1).values
+    near = top[..., 0] - top[..., 1] <= tol * logits.abs().amax(-1)
+    before = (~near).long().cumprod(1).bool()  # the steps before the first near-tie
+    return bool(((a[:, start:] == b[:, start:]) | ~before).all())

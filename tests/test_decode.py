@@ -6,6 +6,7 @@ checked on any machine. The GPU tests (skipped without one) check the kept CUDA 
 
 import pytest
 import torch
+from oracle import agree_until_near_tie
 
 from mamba2 import generation
 from mamba2.block import Mamba2Config
@@ -171,13 +172,17 @@ def test_a_kept_graph_is_replayed_by_the_next_call_and_sees_new_weights():
         torch.no_grad()
     ):  # weights changed in place: the graph reads them where they are
         model.lm_head.weight.mul_(-1)
+    # the plain step: the graph's step (chapter 10's where Triton runs) may round
+    # otherwise, so the tokens are the same but at a near-tie of two logits
     plain = model.generate(ids, 20, temperature=0, cuda_graph=False)
-    assert torch.equal(model.generate(ids, 20, temperature=0), plain)
-    assert _KEPT[model] is kept
+    changed = model.generate(ids, 20, temperature=0)
+    assert agree_until_near_tie(model, ids, plain, changed, VOCAB)
+    assert not torch.equal(changed, a) and _KEPT[model] is kept
     model.half()  # new tensors elsewhere: captured again
     half = model.generate(ids, 20, temperature=0)
     assert _KEPT[model] is not kept and half.shape == a.shape
-    assert torch.equal(half, model.generate(ids, 20, temperature=0, cuda_graph=False))
+    plain = model.generate(ids, 20, temperature=0, cuda_graph=False)
+    assert agree_until_near_tie(model, ids, plain, half, VOCAB, tol=1e-2)
 
 
 @gpu
@@ -241,8 +246,8 @@ def test_the_greedy_graph_is_the_step_s_graph_then_greedy_draw():
 def test_two_streams_of_one_batch_size_at_once_do_not_share_a_graph():
     model = tiny("cuda")
     ids = PROMPT.cuda()
-    want = [
-        model.generate(x, 15, temperature=0, cuda_graph=False)
+    want = [  # one at a time, from the same kind of graph: the same computation
+        model.generate(x, 15, temperature=0, cuda_graph=True)
         for x in (ids, ids.flip(0))
     ]
     first = stream(model, ids, 15, 0, cuda_graph=True)

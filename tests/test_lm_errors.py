@@ -585,8 +585,15 @@ def test_cuda_graph_needs_a_gpu_and_a_bool():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cuda_graph_decoding_gives_the_plain_steps_tokens(dtype, batch):
-    "The captured step replays the same kernels on the same tensors: the same tokens."
+def test_cuda_graph_decoding_gives_the_plain_steps_tokens(dtype, batch, monkeypatch):
+    """The captured step replays the same kernels on the same tensors: the same tokens.
+    The graph captures the plain step here (kernels=False), not chapter 10's."""
+    from functools import partial
+
+    from mamba2 import generation, graphs
+
+    plain = partial(graphs.graphed_step, kernels=False)
+    monkeypatch.setattr(generation, "graphed_step", plain)
     torch.manual_seed(0)
     config = Mamba2Config(
         d_model=64, d_state=16, headdim=16, chunk_size=16, n_layer=3, vocab_size=90

@@ -19,7 +19,7 @@ from isolated import (
     NO_KERNELS,
     run_without_triton,
 )
-from oracle import rel_err
+from oracle import agree_until_near_tie, rel_err
 from test_step import SMALL, VARIANTS
 
 from mamba2 import Mamba2, Mamba2Config, Mamba2LMHeadModel
@@ -289,5 +289,5 @@ def test_graphed_kernels_give_the_plain_graph_s_logits(dtype):
         a = model.generate(ids, 12, temperature=0, cuda_graph=False)
         b = model.generate(
             ids, 12, temperature=0, cuda_graph=True
-        )  # the kernels' graph
-        assert torch.equal(a, b)
+        )  # the kernels' graph: another computation, the same tokens but at near-ties
+        assert agree_until_near_tie(model, ids, a, b, 40)
