@@ -139,6 +139,16 @@ def test_valid_rows_is_the_old_check():
 # ---- on a GPU: the kept graphs --------------------------------------------------------------------------------
 
 
+def test_agree_until_near_tie_finds_a_difference_before_any_tie(model):
+    "The GPU tests' check of two computations' greedy tokens, checked itself here."
+    a = model.generate(PROMPT, 6, temperature=0)
+    assert agree_until_near_tie(model, PROMPT, a, a.clone(), VOCAB)
+    b = a.clone()
+    b[:, PROMPT.shape[1]] = (b[:, PROMPT.shape[1]] + 1) % VOCAB  # the first new token
+    assert not agree_until_near_tie(model, PROMPT, a, b, VOCAB)
+    assert agree_until_near_tie(model, PROMPT, a, b, VOCAB, tol=2.0)  # all near-ties
+
+
 def test_greedy_draw_notes_bad_rows_and_finished_ones_without_waiting():
     "The argmax; NaN, +inf or all -inf noted in `ok`; finished rows give EOS and stay so."
     inf, nan = torch.inf, torch.nan
