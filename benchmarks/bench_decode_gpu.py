@@ -272,19 +272,12 @@ def kernel_a_sweep(model, batches, heights=(4, 8, 16, 32, 64), warps=(2, 4, 8)):
         for b in batches:
             rows = []
             for tile in [None] + [(h, w) for h in heights for w in warps]:
-                triton_step.ssm_step = (
-                    picked
-                    if tile is None
-                    else partial(picked, block_p=tile[0], warps=tile[1])
-                )
+                forced = dict(zip(("block_p", "warps"), tile or ()))
+                triton_step.ssm_step = partial(picked, **forced)
                 graphed = GraphedStep(model, b, kernels=True)
                 ms = min(do_bench(graphed.graph.replay, rep=150) for _ in range(2))
-                rows.append(
-                    dict(block_p="picked", warps="picked")
-                    if tile is None
-                    else dict(block_p=tile[0], warps=tile[1])
-                )
-                rows[-1]["step_ms"] = round(ms, 4)
+                named = forced or dict(block_p="picked", warps="picked")
+                rows.append(dict(named, step_ms=round(ms, 4)))
             out[str(b)] = sorted(rows, key=lambda r: r["step_ms"])
     finally:
         triton_step.ssm_step = picked

@@ -22,7 +22,7 @@ def ssd(X, A, B, C, chunk_size, initial_states=None, impl="auto"):
     CPU inputs on the GPU, and the results come back."""
     inputs = (X, A, B, C, initial_states)
     cpu = all(t is None or t.device.type == "cpu" for t in inputs)
-    if impl != "triton" or KERNELS_DEVICE == "cpu" or not cpu:
+    if impl != "triton" or INTERPRETED or not cpu:
         return front_door(X, A, B, C, chunk_size, initial_states, impl)
     X, A, B, C, s0 = (None if t is None else t.to(KERNELS_DEVICE) for t in inputs)
     Y, final = front_door(X, A, B, C, chunk_size, s0, impl)

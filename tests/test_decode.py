@@ -136,9 +136,6 @@ def test_valid_rows_is_the_old_check():
         assert torch.equal(generation._valid_rows(rows.to(dtype)), old)
 
 
-# ---- on a GPU: the kept graphs --------------------------------------------------------------------------------
-
-
 def test_agree_until_near_tie_finds_a_difference_before_any_tie(model):
     "The GPU tests' check of two computations' greedy tokens, checked itself here."
     a = model.generate(PROMPT, 6, temperature=0)
@@ -164,6 +161,8 @@ def test_greedy_draw_notes_bad_rows_and_finished_ones_without_waiting():
     token = generation.greedy_draw(logits, ok, torch.zeros(4).bool(), -1)  # no EOS
     assert token[3] == 0 and ok.tolist() == [True, False, False, True]
 
+
+# ---- on a GPU: the kept graphs --------------------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
