@@ -9,7 +9,9 @@ with `X = x * dt` and `A = dt * a` (the kernel discretizes inside, so ours does 
 - `kernel`: mamba_ssm's `mamba_chunk_scan_combined`;
 - `minimal`: the paper's listing (mamba_ssm's `ssd_minimal_discrete`);
 - `hf`: transformers' pure-PyTorch `mamba2_chunk_scan`;
-- `ssd`: `mamba2.ssd(..., impl="auto")`, the front door (`ssd_fast`, chapter 8);
+- `ssd`: `mamba2.ssd(..., impl="auto")`, the front door (on a GPU with Triton: chapter 9's
+  kernels; the results files written before them: `ssd_fast`);
+- `fast`: `mamba2.ssd(..., impl="fast")`, chapter 8's tuned PyTorch (`ssd_fast`);
 - `ssd_chunked`: `mamba2.ssd(..., impl="chunked")`, chapter 4's plain algorithm;
 - `NAME_compiled`: `torch.compile(NAME, dynamic=False)`, compiled once per shape; with `--dynamic`,
   `torch.compile(NAME)` compiled once with the length of the inputs marked dynamic
@@ -289,7 +291,7 @@ def main():
     fns["minimal"] = minimal
     import mamba2
 
-    for name, impl in (("ssd", "auto"), ("ssd_chunked", "chunked")):
+    for name, impl in (("ssd", "auto"), ("fast", "fast"), ("ssd_chunked", "chunked")):
 
         def ours(x, dt, a, B, C, impl=impl):
             return mamba2.ssd(x * dt[..., None].to(x.dtype), dt * a, B, C, Q, impl=impl)

@@ -28,14 +28,15 @@ echo "__version__ = \"$VERSION\"  # stub written by run_gpu.sh" > "$MSDIR/mamba_
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu_env.txt"
 
-# 1. SSD against the kernel at every shape (mamba2.ssd, impl="auto": ssd_fast, eager and compiled); at (8, 4k) also
-#    transformers' PyTorch SSD (after the kernel, while the GPU's memory is free: it needs about 100 GiB) and chapter 4's plain
-#    ssd_chunked; a profile of eager mamba2.ssd. VARIANTS overrides the list (see bench_ssd_gpu.py).
+# 1. SSD against the kernel at every shape: the front door (mamba2.ssd, impl="auto": chapter 9's kernels on a GPU) and
+#    chapter 8's ssd_fast (impl="fast"), eager and compiled once for every length; at (8, 4k) also chapter 4's plain
+#    ssd_chunked; a profile of eager ssd_fast. transformers' PyTorch SSD needs about 100 GiB at (8, 4k): add hf@8x4k to
+#    VARIANTS to run it (ssd_gpu_cold.json holds a run). VARIANTS overrides the list (see bench_ssd_gpu.py).
 A=8x4k
-VARIANTS=${VARIANTS:-"kernel,hf@$A,minimal,ssd,ssd_compiled,ssd_chunked@$A"}
+VARIANTS=${VARIANTS:-"kernel,minimal,ssd,ssd_compiled,fast,fast_compiled,ssd_chunked@$A"}
 if [[ ",$PARTS," == *",ssd,"* ]]; then
   PYTHONPATH="$REPO:$MSDIR" python3 benchmarks/bench_ssd_gpu.py --out "$OUT/ssd_gpu.json" --shapes 8x4k,8x1k,2x16k,1x64k \
-    --variants "$VARIANTS" --profile "${PROFILE:-ssd}" --dynamic 2>&1 | tee "$OUT/ssd_gpu.log"
+    --variants "$VARIANTS" --profile "${PROFILE:-fast}" --dynamic 2>&1 | tee "$OUT/ssd_gpu.log"
 fi
 # 2. the cost of each elementwise pass eager ssd_fast needs, at (8, 4k), beside the kernel (chapter 8's floor for eager)
 if [[ ",$PARTS," == *",passes,"* ]]; then
