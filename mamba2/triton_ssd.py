@@ -20,6 +20,10 @@ __all__ = [
     "ssd_forward",
     "shifted_back",
     "d_log_decays",
+    "scores_grad_kernel",
+    "scores_grad",
+    "group_grads_kernel",
+    "group_grads",
     "ssd_backward",
     "ssd_forward_op",
     "ssd_backward_op",
@@ -108,7 +112,7 @@ if INTERPRETED:
 @triton.jit
 def chunk_states_kernel(
     X, A, B, dt, states, cums, totals,  # pointers (dt: a multiplier of X, or unused)
-    l, h, r, rx, p, n, Q, n_chunks, lo_at,  # sizes (r heads share a row of B, rx of X)
+    l, h, r, p, n, Q, n_chunks, lo_at,  # sizes (r heads share a row of B)
     sx_b, sx_l, sx_h, sx_p, sa_b, sa_l, sa_h, sb_b, sb_l, sb_g, sb_n,  # strides
     sd_b, sd_l, sd_h,
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -117,7 +121,7 @@ def chunk_states_kernel(
     "Step 2 for one chunk `c` of one head `hh`, rows `offs_p` of its state."
     pid, pid_p = tl.program_id(0), tl.program_id(1)
     bi, c, hh = pid // (n_chunks * h), (pid // h) % n_chunks, pid % h
-    X += bi * sx_b + c * Q * sx_l + (hh // rx) * sx_h
+    X += bi * sx_b + c * Q * sx_l + hh * sx_h
     A += bi * sa_b + c * Q * sa_l + hh * sa_h
     dt += bi * sd_b + c * Q * sd_l + hh * sd_h
     B += bi * sb_b + c * Q * sb_l + (hh // r) * sb_g
@@ -208,13 +212,13 @@ def chunk_states(
     stages: int = 2,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel 1 on `X: (b, l, h, p)`, `A: (b, l, h)`, `B: (b, l, g, n)`, chunks of `Q`
-    (with `dt: (b, l, h)`, the inputs are `X dt`; `X` may hold one row per group).
+    (with `dt: (b, l, h)`, the inputs are `X dt`).
     `reverse`: `X`, `B` and `dt` are read last token first (`A` as given).
 
     Returns each chunk's state from a zero start `(b, c, h, p, n)`, the running sums of
     `A` within each chunk as pairs hi + lo `(2, b, h, c * Q)` and each chunk's total
     `(b, h, c)`."""
-    (b, l, hx, p), h, (g, n) = X.shape, A.shape[2], B.shape[2:]
+    (b, l, h, p), (g, n) = X.shape, B.shape[2:]
     c, acc = max(1, -(-l // Q)), torch.promote_types(X.dtype, torch.float32)
     states = X.new_empty(b, c, h, p, n, dtype=acc)
     sums, totals = (
@@ -226,7 +230,7 @@ def chunk_states(
     )  # without dt, A is a placeholder
     BLOCK_P = tile(p)
     chunk_states_kernel[(b * c * h, triton.cdiv(p, BLOCK_P))](
-        X, A, B, d, states, sums, totals, l, h, h // g, h // hx, p, n, Q, c,
+        X, A, B, d, states, sums, totals, l, h, h // g, p, n, Q, c,
         sums[1].numel(), *sx, *A.stride(), *sb, *sd,
         BLOCK_S=tile(Q, block), BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
         HAS_DT=dt is not None, num_warps=warps, num_stages=stages,
@@ -364,58 +368,46 @@ def head_outputs(
 # fmt: off
 @triton.jit
 def chunk_outputs_kernel(
-    X, B, C, dt, Y, states, cums, W1, W2, dots,  # pointers
-    l, h, r, rx, heads, p, n, Q, n_chunks, lo_at,  # sizes
+    X, B, C, dt, Y, states, cums, W, dots,  # pointers
+    l, h, r, p, n, Q, n_chunks, lo_at,  # sizes
     sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
     sy_b, sy_l, sy_h, sy_p, sd_b, sd_l, sd_h, sw_b, sw_l, sw_h, sw_p,
     so_k, so_t, so_b, so_h, so_l,  # strides
     BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, HAS_DT: tl.constexpr, ROW_DT: tl.constexpr,
-    STORE_Y: tl.constexpr, N_W: tl.constexpr, STATE_DOTS: tl.constexpr,
+    STORE_Y: tl.constexpr, HAS_W: tl.constexpr, STATE_DOTS: tl.constexpr,
 ):
-    """Steps 4 and 1 for rows `offs_l` of one chunk `c`, a tile of `p`: one head, or
-    the sum over `heads` heads (the backward pass's)."""
+    "Steps 4 and 1 for rows `offs_l` of one chunk `c` of one head, a tile of `p`."
     pid, pid_l, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    hy = h // heads  # heads of Y
-    bi, c, yy = pid // (n_chunks * hy), (pid // hy) % n_chunks, pid % hy
+    bi, c, hh = pid // (n_chunks * h), (pid // h) % n_chunks, pid % h
     rows = tl.minimum(Q, l - c * Q)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_L, BLOCK_P), ACC)
-    start = tl.zeros((BLOCK_L, BLOCK_P), ACC)
-    for hh in range(yy * heads, yy * heads + heads):
-        out, head_start = head_outputs(
-            X + bi * sx_b + c * Q * sx_l + (hh // rx) * sx_h,
-            B + bi * sb_b + c * Q * sb_l + (hh // r) * sb_g,
-            C + bi * sc_b + c * Q * sc_l + (hh // r) * sc_g,
-            dt + bi * sd_b + c * Q * sd_l + hh * sd_h,
-            states + ((bi * n_chunks + c) * h + hh) * p * n,
-            cums + (bi * h + hh) * n_chunks * Q + c * Q,
-            rows, pid_l, offs_l, offs_p, offs_n, lo_at,
-            sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
-            BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT,
-        )
-        acc += out
-        if STATE_DOTS:
-            start += head_start
+    acc, start = head_outputs(
+        X + bi * sx_b + c * Q * sx_l + hh * sx_h,
+        B + bi * sb_b + c * Q * sb_l + (hh // r) * sb_g,
+        C + bi * sc_b + c * Q * sc_l + (hh // r) * sc_g,
+        dt + bi * sd_b + c * Q * sd_l + hh * sd_h,
+        states + ((bi * n_chunks + c) * h + hh) * p * n,
+        cums + (bi * h + hh) * n_chunks * Q + c * Q,
+        rows, pid_l, offs_l, offs_p, offs_n, lo_at,
+        sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
+        BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT,
+    )
     ok = (offs_l < rows)[:, None] & (offs_p < p)[None, :]
     at = c * Q + offs_l[:, None]  # the rows' tokens
     if STORE_Y:
-        tl.store(Y + bi * sy_b + at * sy_l + yy * sy_h + offs_p[None, :] * sy_p,
+        tl.store(Y + bi * sy_b + at * sy_l + hh * sy_h + offs_p[None, :] * sy_p,
                  acc.to(Y.dtype.element_ty), mask=ok)
-    # the backward pass's dot products over p of these rows with those of W1 (and W2)
-    dots += pid_p * so_t + bi * so_b + yy * so_h + (c * Q + offs_l) * so_l
-    at = bi * sw_b + at * sw_l + yy * sw_h + offs_p[None, :] * sw_p
-    if N_W > 0:
-        w = tl.load(W1 + at, mask=ok, other=0.0).to(ACC)
+    if HAS_W:  # the backward pass's dot products over p of these rows with W's
+        dots += pid_p * so_t + bi * so_b + hh * so_h + (c * Q + offs_l) * so_l
+        at = bi * sw_b + at * sw_l + hh * sw_h + offs_p[None, :] * sw_p
+        w = tl.load(W + at, mask=ok, other=0.0).to(ACC)
         tl.store(dots, tl.sum(acc * w, 1), mask=offs_l < rows)
-        if STATE_DOTS:  # W1's with the state's part of Y alone
-            tl.store(dots + N_W * so_k, tl.sum(start * w, 1), mask=offs_l < rows)
-    if N_W > 1:
-        w = tl.load(W2 + at, mask=ok, other=0.0).to(ACC)
-        tl.store(dots + so_k, tl.sum(acc * w, 1), mask=offs_l < rows)
+        if STATE_DOTS:  # and with the state's part of Y alone
+            tl.store(dots + so_k, tl.sum(start * w, 1), mask=offs_l < rows)
 # fmt: on
 
 
@@ -430,8 +422,7 @@ def chunk_outputs(
     dt: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     reverse: bool = False,
-    heads: int = 1,
-    W: tuple[Tensor, ...] = (),
+    W: Tensor | None = None,
     store: bool = True,
     dt_rows: bool = False,
     state_dots: bool = False,
@@ -443,34 +434,29 @@ def chunk_outputs(
     """Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each chunk,
     in `out_dtype` (default: `X`'s); `reverse`: read and written last token first.
 
-    For the backward pass: with `heads`, `Y` summed over each `heads` heads, `(b, l, h /
-    heads, p)`; with one or two tensors `W` shaped as `Y`, also `Y`'s dot products with
-    them over `p`, `(len(W), b, h / heads, l)` in float32, returned as `(Y, dots)`
-    (`Y` None unless `store`); `state_dots`: and one more, with the state's part of `Y`
-    alone (step 4). `dt_rows`: `dt` scales the rows of `M`, not the columns."""
-    (b, l, _, p), (g, n), (c, h) = X.shape, B.shape[2:], entering.shape[1:3]
+    For the backward pass: with `W` shaped as `Y`, also `Y`'s dot products with it over
+    `p`, `(1, b, h, l)` in float32, returned as `(Y, dots)` (`Y` None unless `store`);
+    `state_dots`: and those of the state's part of `Y` alone (step 4), `(2, b, h, l)`.
+    `dt_rows`: `dt` scales the rows of `M`, not the columns."""
+    (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
-    dots = sums.new_empty(
-        len(W) + state_dots, triton.cdiv(p, BLOCK_P), b, h // heads, l
-    )
-    Y = X.new_empty(b, l, h // heads, p, dtype=out_dtype or X.dtype) if store else dots
+    dots = sums.new_empty(1 + state_dots, triton.cdiv(p, BLOCK_P), b, h, l)
+    Y = X.new_empty(b, l, h, p, dtype=out_dtype or X.dtype) if store else dots
     d = sums[0] if dt is None else dt  # a placeholder without dt
     (X, sx), (B, sb), (C, sc), (d, sd) = (in_time(t, reverse) for t in (X, B, C, d))
     (Yr, sy), (dots_r, so) = in_time(Y, reverse and store), in_time(dots, reverse, 4)
-    Ws = [in_time(w, reverse) for w in W] or [(Yr, sy)]
-    assert all(s == Ws[0][1] for _, s in Ws), "W's tensors must share their strides"
-    assert W or not state_dots, "state_dots are dot products with W's first tensor"
-    chunk_outputs_kernel[(b * c * h // heads, triton.cdiv(Q, BLOCK_L), dots.shape[1])](
-        X, B, C, d, Yr, entering, sums, Ws[0][0], Ws[-1][0], dots_r, l, h, h // g,
-        h // X.shape[2], heads, p, n, Q, c, sums[1].numel(), *sx, *sb, *sc,
-        *(sy if store else [0] * 4), *sd[:3], *Ws[0][1], *so,
-        BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
+    Wr, sw = (Yr, sy) if W is None else in_time(W, reverse)  # Y: a placeholder
+    assert W is not None or not state_dots, "state_dots are dot products with W"
+    chunk_outputs_kernel[(b * c * h, triton.cdiv(Q, BLOCK_L), dots.shape[1])](
+        X, B, C, d, Yr, entering, sums, Wr, dots_r, l, h, h // g, p, n, Q, c,
+        sums[1].numel(), *sx, *sb, *sc, *(sy if store else [0] * 4), *sd[:3], *sw,
+        *so, BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
         BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_rows,
-        ROW_DT=dt is not None and dt_rows, STORE_Y=store, N_W=len(W),
+        ROW_DT=dt is not None and dt_rows, STORE_Y=store, HAS_W=W is not None,
         STATE_DOTS=state_dots,
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
-    return (Y if store else None, dots.sum(1)) if W else Y
+    return Y if W is None else (Y if store else None, dots.sum(1))
 
 
 # %% ../book/09_kernels.ipynb #9fe36697
@@ -482,22 +468,13 @@ def ssd_forward(
     Q: int,
     initial_states: Tensor | None,
     dt: Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    reverse: bool = False,
-    dt_rows: bool = False,
-    **outputs,
-) -> tuple:
-    """The three kernels in order: `Y` (in `out_dtype`, default `X`'s), the final state.
-    `reverse`, `dt_rows` and `outputs` (`heads`, `W`, `store`) are the backward pass's:
-    they pass to the kernels (`chunk_states`, `chunk_outputs`)."""
-    states, sums, totals = chunk_states(X, A, B, Q, None if dt_rows else dt, reverse)
+) -> tuple[Tensor, Tensor]:
+    "The three kernels in order: `Y` in `X`'s type, and the final state."
+    states, sums, totals = chunk_states(X, A, B, Q, dt)
     # kernel 3 rounds the entering states to X's type for its product: store them so
     entering, final = pass_states(states, totals, initial_states, X.dtype)
     del states  # freed before Y is allocated
-    Y = chunk_outputs(
-        X, B, C, entering, sums, Q, dt, out_dtype, reverse, dt_rows=dt_rows, **outputs
-    )
-    return Y, final
+    return chunk_outputs(X, B, C, entering, sums, Q, dt), final
 
 
 # %% ../book/09_kernels.ipynb #fcfb55a8
@@ -508,20 +485,14 @@ def shifted_back(A: Tensor) -> Tensor:
 
 # %% ../book/09_kernels.ipynb #5d1e7a3b
 def d_log_decays(
-    d_sums: Tensor,
-    A: Tensor,
-    Q: int,
-    across: Tensor | None = None,
-    leaving: Tensor | None = None,
+    d_sums: Tensor, A: Tensor, Q: int, across: Tensor, leaving: Tensor
 ) -> Tensor:
-    """dA `(b, l, h)` from the gradients of the running sums `d_sums: (b, h, l)`, the
-    sum over t >= k. In whole chunks, with `leaving: (b, h, l)` (`X_s . dX_s` of the
-    paths that leave the chunk of s) and `across: (b, h, c)` (`dS . S` of those that
-    cross a whole chunk, undecayed), dA_k is summed within the chunk of k, so that no
-    sum over the sequence loses digits: what reaches t >= k in it, what leaves from
-    s < k in it, and what crosses it whole."""
-    if across is None:
-        return d_sums.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    """dA `(b, l, h)` from the gradients of the running sums `d_sums: (b, h, l)`, in
+    whole chunks, with `leaving: (b, h, l)` (`X_s . dX_s` of the paths that leave the
+    chunk of s) and `across: (b, h, c)` (`dS . S` of those that cross a whole chunk,
+    undecayed). dA_k is summed within the chunk of k, so that no sum over the sequence
+    loses digits: what reaches t >= k in it, what leaves from s < k in it, and what
+    crosses it whole."""
     c = across.shape[-1]
     ahead = (d_sums + leaving).unflatten(-1, (c, Q))  # all but what leaves the chunk
     ahead = ahead.flip(-1).cumsum(-1).flip(-1)
@@ -534,12 +505,202 @@ def d_log_decays(
     return (ahead + behind + whole[..., None]).flatten(-2).transpose(1, 2)
 
 
+# %% ../book/09_kernels.ipynb #6b8d1f52
+# fmt: off
+@triton.jit
+def scores_grad_kernel(
+    dY, X, dt, cums, dCB,  # pointers
+    l, h, r, p, Q, n_chunks, lo_at,  # sizes
+    sy_b, sy_l, sy_h, sy_p, sx_b, sx_l, sx_h, sx_p, sd_b, sd_l, sd_h,  # strides
+    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
+):
+    "dCB_ts = sum over the group's heads of L_ts (dY_t . X_s), tile (t, s) of a chunk."
+    pid, pid_t, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g = h // r
+    bi, c, gg = pid // (n_chunks * g), (pid // g) % n_chunks, pid % g
+    rows = tl.minimum(Q, l - c * Q)
+    offs_t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    offs_s = pid_s * BLOCK + tl.arange(0, BLOCK)
+    ok_t, ok_s = offs_t < rows, offs_s < rows
+    keep = (offs_t[:, None] >= offs_s[None, :]) & ok_t[:, None] & ok_s[None, :]
+    dY += bi * sy_b + (c * Q + offs_t[:, None]) * sy_l
+    X += bi * sx_b + (c * Q + offs_s[:, None]) * sx_l
+    acc = tl.zeros((BLOCK, BLOCK), ACC)
+    offs_p = tl.arange(0, BLOCK_P)  # all of p: the loop over heads is the only loop
+    ok_tp = ok_t[:, None] & (offs_p[None, :] < p)
+    ok_sp = ok_s[:, None] & (offs_p[None, :] < p)
+    for hh in range(gg * r, gg * r + r * (pid_s <= pid_t)):  # none above the diagonal
+        y = tl.load(dY + hh * sy_h + offs_p[None, :] * sy_p, mask=ok_tp, other=0.0)
+        x = tl.load(X + hh * sx_h + offs_p[None, :] * sx_p, mask=ok_sp, other=0.0)
+        yx = tl.dot(y.to(DOT), tl.trans(x).to(DOT), input_precision=PRECISION,
+                    out_dtype=ACC)
+        at = cums + (bi * h + hh) * n_chunks * Q + c * Q
+        hi_t = tl.load(at + offs_t, mask=ok_t, other=0.0)
+        lo_t = tl.load(at + lo_at + offs_t, mask=ok_t, other=0.0)
+        hi_s = tl.load(at + offs_s, mask=ok_s, other=0.0)
+        lo_s = tl.load(at + lo_at + offs_s, mask=ok_s, other=0.0)
+        sums = (hi_t[:, None] - hi_s[None, :]) + (lo_t[:, None] - lo_s[None, :])
+        L = tl.exp(tl.where(keep, sums, -float("inf")))
+        if HAS_DT:
+            L *= tl.load(dt + bi * sd_b + (c * Q + offs_s) * sd_l + hh * sd_h,
+                         mask=ok_s, other=0.0).to(ACC)[None, :]
+        acc += yx * L
+    dCB += ((bi * n_chunks + c) * g + gg) * Q * Q
+    tl.store(dCB + offs_t[:, None] * Q + offs_s[None, :], acc,
+             mask=(offs_t[:, None] < Q) & (offs_s[None, :] < Q))
+# fmt: on
+
+
+# %% ../book/09_kernels.ipynb #7c9e2a63
+def scores_grad(
+    dY: Tensor,
+    X: Tensor,
+    dt: Tensor | None,
+    sums: Tensor,
+    Q: int,
+    g: int,
+    block: int = 32,
+    warps: int = 4,
+    stages: int = 2,
+) -> Tensor:
+    """Kernel 4: `dCB: (b, c, g, Q, Q)` in float32 or wider from `dY` and `X: (b, l, h,
+    p)` and kernel 1's running sums: in each chunk, the sum over a group's heads of
+    `L_ts (dY_t . X_s)` (times `dt_s`, given `dt`); zeros above the diagonal."""
+    (b, l, h, p), c = dY.shape, sums.shape[-1] // Q
+    dCB = sums.new_empty(b, c, g, Q, Q)
+    BLOCK = tile(Q, block)
+    d, sd = (sums, [0] * 3) if dt is None else (dt, dt.stride())  # sums: unused
+    scores_grad_kernel[(b * c * g, triton.cdiv(Q, BLOCK), triton.cdiv(Q, BLOCK))](
+        dY, X, d, sums, dCB, l, h, h // g, p, Q, c, sums[1].numel(),
+        *dY.stride(), *X.stride(), *sd, BLOCK=BLOCK,
+        BLOCK_P=max(16, triton.next_power_of_2(p)), HAS_DT=dt is not None,
+        num_warps=warps, num_stages=stages, **dot_types(dY.dtype),
+    )  # fmt: skip
+    return dCB
+
+
+# %% ../book/09_kernels.ipynb #afc25d96
+# fmt: off
+@triton.jit
+def group_grads_kernel(
+    L, S, cums, A, dt, D, R, out,  # pointers
+    l, h, r, p, n, Q, n_chunks, lo_at,  # sizes
+    sl_b, sl_l, sl_h, sl_p, ss_b, ss_c, ss_h, ss_p, ss_n, sa_b, sa_l, sa_h,
+    sd_b, sd_l, sd_h, sD_t, sD_s, sr_b, sr_l, sr_g, sr_n, so_b, so_l, so_g, so_n,
+    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_DT: tl.constexpr, LEAVING: tl.constexpr,
+):
+    """Rows `offs_l` of one chunk of `dC` (or, `LEAVING`, of `dB`), a tile of `n`: the
+    state's part summed over the group's heads, then `D R` (`D` = `dCB`, or its
+    transpose)."""
+    pid, pid_l, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g = h // r
+    bi, c, gg = pid // (n_chunks * g), (pid // g) % n_chunks, pid % g
+    rows = tl.minimum(Q, l - c * Q)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)  # all of p: the loop over heads is the only loop
+    ok_l, ok_n, ok_p = offs_l < rows, offs_n < n, offs_p < p
+    acc = tl.zeros((BLOCK_L, BLOCK_N), ACC)
+    for hh in range(gg * r, gg * r + r):
+        at = cums + (bi * h + hh) * n_chunks * Q + c * Q
+        hi = tl.load(at + offs_l, mask=ok_l, other=0.0)
+        lo = tl.load(at + lo_at + offs_l, mask=ok_l, other=0.0)
+        sums = hi + lo
+        if LEAVING:  # from row s to the chunk's end and the first token after it
+            end = rows - 1
+            sums = (tl.load(at + end) - hi) + (tl.load(at + lo_at + end) - lo)
+            nxt = (c + 1) * Q
+            sums += tl.load(A + bi * sa_b + nxt * sa_l + hh * sa_h, mask=nxt < l,
+                            other=0.0)
+        f = tl.exp(sums)
+        if HAS_DT:
+            f *= tl.load(dt + bi * sd_b + (c * Q + offs_l) * sd_l + hh * sd_h,
+                         mask=ok_l, other=0.0).to(ACC)
+        Lh = tl.load(L + bi * sl_b + (c * Q + offs_l[:, None]) * sl_l + hh * sl_h
+                     + offs_p[None, :] * sl_p, mask=ok_l[:, None] & ok_p[None, :],
+                     other=0.0)
+        Sh = tl.load(S + bi * ss_b + c * ss_c + hh * ss_h + offs_p[:, None] * ss_p
+                     + offs_n[None, :] * ss_n, mask=ok_p[:, None] & ok_n[None, :],
+                     other=0.0)
+        part = tl.dot(Lh.to(DOT), Sh.to(Lh.dtype).to(DOT), input_precision=PRECISION,
+                      out_dtype=ACC)
+        acc += part * f[:, None]
+    # the chunk's part: D R over the columns on the diagonal's side, in float32
+    D += ((bi * n_chunks + c) * g + gg) * Q * Q
+    R += bi * sr_b + c * Q * sr_l + gg * sr_g
+    if LEAVING:
+        lo, hi = pid_l * BLOCK_L, rows
+    else:
+        lo, hi = 0, tl.minimum((pid_l + 1) * BLOCK_L, rows)
+    for s0 in range(lo, hi, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ok_s = offs_s < rows
+        Dt = tl.load(D + offs_l[:, None] * sD_t + offs_s[None, :] * sD_s,
+                     mask=ok_l[:, None] & ok_s[None, :], other=0.0)
+        Rs = tl.load(R + offs_s[:, None] * sr_l + offs_n[None, :] * sr_n,
+                     mask=ok_s[:, None] & ok_n[None, :], other=0.0)
+        acc += tl.dot(Dt, Rs.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+    out += bi * so_b + gg * so_g
+    tl.store(out + (c * Q + offs_l[:, None]) * so_l + offs_n[None, :] * so_n, acc,
+             mask=ok_l[:, None] & ok_n[None, :])
+# fmt: on
+
+
+# %% ../book/09_kernels.ipynb #b0d36ea7
+def group_grads(
+    L: Tensor,
+    S: Tensor,
+    sums: Tensor,
+    dCB: Tensor,
+    R: Tensor,
+    Q: int,
+    A: Tensor | None = None,
+    dt: Tensor | None = None,
+    leaving: bool = False,
+    block: int = 128,
+    cols: int = 32,
+    warps: int = 4,
+    stages: int = 3,
+) -> Tensor:
+    """Kernel 5: `dC: (b, l, g, n)` in float32 or wider from `L = dY`, the states
+    entering each chunk `S: (b, c, h, p, n)`, `dCB` and `R = B`. With `leaving`: `dB`
+    from `L = X`, the reversed run's entering states (the gradients of the states
+    leaving each chunk, last chunk first), `dCB` read transposed, `R = C`, and `A` and
+    `dt` for the decays from each row to the chunk's end."""
+    (b, l, h, p), (g, n), c = L.shape, R.shape[2:], S.shape[1]
+    out = L.new_empty(b, l, g, n, dtype=sums.dtype)
+    BLOCK_L, BLOCK_N = tile(Q, block), tile(n)
+    (d, sd), (a, sa) = (
+        (sums, [0] * 3) if t is None else (t, t.stride()) for t in (dt, A)
+    )  # sums: unused
+    S, ss = in_time(
+        S, leaving, 1
+    )  # leaving: chunk k reads the reversed run's c - 1 - k
+    group_grads_kernel[(b * c * g, triton.cdiv(Q, BLOCK_L), triton.cdiv(n, BLOCK_N))](
+        L, S, sums, a, d, dCB, R, out, l, h, h // g, p, n, Q, c, sums[1].numel(),
+        *L.stride(), *ss, *sa, *sd, *((1, Q) if leaving else (Q, 1)), *R.stride(),
+        *out.stride(), BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)),
+        BLOCK_P=max(16, triton.next_power_of_2(p)), BLOCK_N=BLOCK_N,
+        HAS_DT=dt is not None, LEAVING=leaving, num_warps=warps, num_stages=stages,
+        **dot_types(L.dtype),
+    )  # fmt: skip
+    return out
+
+
 # %% ../book/09_kernels.ipynb #3a3a608e
 def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
-    """The gradients of `ssd_forward`'s inputs: four more runs of the same kernels,
-    their outputs in float32 or wider (the gradient of `X` in its type)."""
-    r, wide = A.shape[2] // B.shape[2], torch.promote_types(X.dtype, torch.float32)
-    l, A_rev = X.shape[1], shifted_back(A)
+    """The gradients of `ssd_forward`'s inputs: two more runs of its kernels, then
+    kernels 4 and 5 for `dB` and `dC`; in float32 or wider (`dX` in `X`'s type)."""
+    g, wide = B.shape[2], torch.promote_types(X.dtype, torch.float32)
+    l, pad = X.shape[1], -X.shape[1] % Q
+    if pad:  # zeros after the last token (A = 0: no decay), for whole chunks
+        X, B, C, dY, A, dt = (
+            t if t is None else F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+            for t in (X, B, C, dY, A, dt)
+        )
     # given dt, every run multiplies it in as the forward run did, before the rounding:
     # the dX run rounds the same products as the Y run below, so that the largest terms
     # of dA's difference (s = t) cancel. It scales its rows by dt (dx = dt dX); kept
@@ -547,51 +708,40 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     dt_ = None if dt is None else dt.to(wide).masked_fill(dt == 0, 1e-30)
     # dA, first half: Y recomputed (not stored) for dY . Y; its entering states kept
     states, sums, totals = chunk_states(X, A, B, Q, dt)
-    entering, final = pass_states(states, totals, s0, X.dtype)
+    entering, _ = pass_states(states, totals, s0, X.dtype)
     del states
-    received = chunk_outputs(X, B, C, entering, sums, Q, dt, wide, W=(dY,), store=False)
+    received = chunk_outputs(X, B, C, entering, sums, Q, dt, wide, W=dY, store=False)
     # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time with B and C
-    # swapped, with x . dx over p. In whole chunks, the boundaries of both runs meet:
-    # then kernel 3 also takes x . dx of the state's part (what leaves the chunk), and
-    # kernel 2 dS . S for each chunk (what crosses it whole), for dA
-    whole = l % Q == 0
-    states, sums, totals = chunk_states(dY, A_rev, C, Q, None, True)
-    entering, ds0, *across = pass_states(
-        states, totals, dfinal, dY.dtype, entering if whole else None
-    )
+    # swapped, with x . dx over p, of all of Y and of the state's part (what leaves the
+    # chunk); kernel 2 takes dS . S for each chunk (what crosses it whole), for dA
+    states, sums_r, totals = chunk_states(dY, shifted_back(A), C, Q, None, True)
+    leaving, ds0, across = pass_states(states, totals, dfinal, dY.dtype, entering)
     del states
     dx, sent = chunk_outputs(
         dY,
         C,
         B,
-        entering,
-        sums,
+        leaving,
+        sums_r,
         Q,
         dt_,
         X.dtype,
         True,
-        W=(X,),
+        X,
         dt_rows=True,
-        state_dots=whole,
+        state_dots=True,
     )
-    del entering
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
-    # dB_s = sum_{t >= s} decay (dY_t . X_s) C_t: an SSD with C_t the input, dY_t the
-    # key, read with X_s (rows times dt), backward in time, summed over a group's heads
-    dB = ssd_forward(
-        C, A_rev, dY, X, Q, dfinal.mT, dt, wide, True, heads=r, dt_rows=True
-    )[0]
-    # dC_t = sum_{s <= t} decay (dY_t . X_s) B_s: the same forward in time, B the input
-    s0_t = None if s0 is None else s0.mT
-    dC = ssd_forward(B, A, X, dY, Q, s0_t, dt, wide, heads=r)[0]
-    d_sums = received[1][0] - sent[0]  # dY . Y - x . dx (= X . dX)
-    if whole:
-        dA = d_log_decays(d_sums, A, Q, across[0], sent[1])
-    else:  # the final state is read past the last token
-        d_sums[..., -1] += (dfinal * final).sum((-1, -2))
-        dA = d_log_decays(d_sums, A, Q)
-    sent = sent[0] if dt is None else sent[0] / dt_.transpose(1, 2)  # x . dX
-    return dx, dA, dB, dC, ds0, None if dt is None else sent.transpose(1, 2)
+    dCB = scores_grad(dY, X, dt, sums, Q, g)  # kernel 4
+    dC = group_grads(dY, entering, sums, dCB, B, Q)  # kernel 5
+    del entering
+    dB = group_grads(X, leaving, sums, dCB, C, Q, A, dt, leaving=True)
+    dA = d_log_decays(received[1][0] - sent[0], A, Q, across, sent[1])  # dY.Y - X.dX
+    ddt = None if dt is None else (sent[0] / dt_.mT).mT  # x . dX
+    if pad:  # the real tokens'
+        dx, dA, dB, dC = (t[:, :l].contiguous() for t in (dx, dA, dB, dC))
+        ddt = None if dt is None else ddt[:, :l]
+    return dx, dA, dB, dC, ds0, ddt
 
 
 # %% ../book/09_kernels.ipynb #5e0c2b9d
