@@ -10,8 +10,8 @@ variant computes `(x, dt, a, B, C) -> (Y, final_state)` with `X = x dt`, `A = dt
   and rounded to bfloat16 first, as the contract `ssd(X, A, B, C)` takes it.
 For each: the relative error against chapter 4's `ssd_chunked` in float64, the median time of a
 call (`triton.testing.do_bench`), the peak memory above the inputs, and the first call's time
-(Triton's compilation). At (8, 4k) also forward + backward (gradients of x, dt, B, C) and each
-kernel's own time (also at (1, 64k)); `--sweep` times tile sizes (the state passing at
+(Triton's compilation). At (8, 4k) also forward + backward (gradients of x, dt, B, C: time,
+the same call replayed from a CUDA graph, the CPU's time to issue it) and each kernel's own time (also at (1, 64k)); `--sweep` times tile sizes (the state passing at
 every shape). mamba_ssm comes from its
 source package (`run_gpu.sh` puts it on the path; no compiled extension is needed).
 """
@@ -168,11 +168,43 @@ def backward(fns, x, dt, a, B, C):
         del grads
         out[name] = {
             "ms": do_bench(step, warmup=5, rep=50),
+            "graph_ms": graph_ms(step),
+            "cpu_ms": cpu_ms(step),
             "peak_mib": round(peak_mib(step), 1),
             "rel_err_grad": errors,
         }
         print("fwd+bwd", name, out[name], flush=True)
     return out
+
+
+def graph_ms(step):
+    """The GPU's own time: `step` captured in a CUDA graph and replayed, the Python that
+    issues its kernels left out (None where it cannot be captured)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return do_bench(graph.replay, warmup=5, rep=50)
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        print("graph capture failed:", type(e).__name__, str(e)[:100], flush=True)
+        return None
+
+
+def cpu_ms(step, n=20):
+    "The CPU's time to issue one call of `step` (the GPU runs behind)."
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    issued = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return 1e3 * issued
 
 
 def sweep(X, A, B, C, dt, shape):
