@@ -11,9 +11,9 @@ variant computes `(x, dt, a, B, C) -> (Y, final_state)` with `X = x dt`, `A = dt
 For each: the relative error against chapter 4's `ssd_chunked` in float64, the median time of a
 call (`triton.testing.do_bench`), the peak memory above the inputs, and the first call's time
 (Triton's compilation). At (8, 4k) also forward + backward (gradients of x, dt, B, C: time,
-the same call replayed from a CUDA graph, the CPU's time to issue it) and each kernel's own time (also at (1, 64k)); `--sweep` times tile sizes (the state passing at
-every shape). mamba_ssm comes from its
-source package (`run_gpu.sh` puts it on the path; no compiled extension is needed).
+the same call replayed from a CUDA graph, the CPU's time to issue it) and each kernel's own
+time (also at (1, 64k)); `--sweep` times tile sizes (the state passing at every shape).
+mamba_ssm comes from its source package (`run_gpu.sh` puts it on the path; no compiled extension is needed).
 """
 
 import argparse
