@@ -13,7 +13,8 @@ call (`triton.testing.do_bench`), the peak memory above the inputs, and the firs
 (Triton's compilation). At (8, 4k) also forward + backward (gradients of x, dt, B, C: time,
 the same call replayed from a CUDA graph, the CPU's time to issue it) and each kernel's own
 time (also at (1, 64k)); `--sweep` times tile sizes (the state passing at every shape).
-mamba_ssm comes from its source package (`run_gpu.sh` puts it on the path; no compiled extension is needed).
+mamba_ssm comes from its source package (`run_gpu.sh` puts it on the path; no compiled
+extension is needed).
 """
 
 import argparse
