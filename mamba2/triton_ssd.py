@@ -560,9 +560,9 @@ def scores_grad(
     sums: Tensor,
     Q: int,
     g: int,
-    block: int = 32,
+    block: int = 64,
     warps: int = 4,
-    stages: int = 2,
+    stages: int = 3,
 ) -> Tensor:
     """Kernel 4: `dCB: (b, c, g, Q, Q)` in float32 or wider from `dY` and `X: (b, l, h,
     p)` and kernel 1's running sums: in each chunk, the sum over a group's heads of
