@@ -632,10 +632,10 @@ def group_grads_kernel(
     D += ((bi * n_chunks + c) * g + gg) * Q * Q
     R += bi * sr_b + c * Q * sr_l + gg * sr_g
     if LEAVING:
-        lo, hi = pid_l * BLOCK_L, rows
+        first, last = pid_l * BLOCK_L, rows
     else:
-        lo, hi = 0, tl.minimum((pid_l + 1) * BLOCK_L, rows)
-    for s0 in range(lo, hi, BLOCK_S):
+        first, last = 0, tl.minimum((pid_l + 1) * BLOCK_L, rows)
+    for s0 in range(first, last, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ok_s = offs_s < rows
         Dt = tl.load(D + offs_l[:, None] * sD_t + offs_s[None, :] * sD_s,
@@ -676,9 +676,8 @@ def group_grads(
     (d, sd), (a, sa) = (
         (sums, [0] * 3) if t is None else (t, t.stride()) for t in (dt, A)
     )  # sums: unused
-    S, ss = in_time(
-        S, leaving, 1
-    )  # leaving: chunk k reads the reversed run's c - 1 - k
+    # leaving: chunk k reads the reversed run's chunk c - 1 - k
+    S, ss = in_time(S, leaving, 1)
     group_grads_kernel[(b * c * g, triton.cdiv(Q, BLOCK_L), triton.cdiv(n, BLOCK_N))](
         L, S, sums, a, d, dCB, R, out, l, h, h // g, p, n, Q, c, sums[1].numel(),
         *L.stride(), *ss, *sa, *sd, *((1, Q) if leaving else (Q, 1)), *R.stride(),
@@ -727,7 +726,7 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
         dt_,
         X.dtype,
         True,
-        X,
+        W=X,
         dt_rows=True,
         state_dots=True,
     )
