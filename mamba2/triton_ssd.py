@@ -261,10 +261,15 @@ def pass_states_kernel(
                     other=0.0)
     later = tl.load(states + at + 2 * step,
                     mask=offs < pn * tl.minimum(n_chunks - 2, 1), other=0.0)
+    totals += pid * n_chunks  # the chunks' log-decays, also loaded 3 steps early
+    d_new = tl.load(totals)
+    d_ahead = tl.load(totals + 1, mask=n_chunks > 1, other=0.0)
+    d_later = tl.load(totals + 2, mask=n_chunks > 2, other=0.0)
     for c in range(n_chunks):  # the state stays in registers from chunk to chunk
         more = tl.minimum(n_chunks - 3 - c, 1)  # 1 while chunk c + 3 exists, else <= 0
         last = tl.load(states + at + 3 * step, mask=offs < pn * more, other=0.0)
-        decay = tl.exp(tl.load(totals + pid * n_chunks + c))
+        d_last = tl.load(totals + c + 3, mask=c + 3 < n_chunks, other=0.0)
+        decay = tl.exp(d_new)
         tl.store(entering + at, S.to(entering.dtype.element_ty), mask=ok)
         if HAS_PARTNER:  # the backward pass's: S . the state entering n_chunks - 1 - c
             there = at + (n_chunks - 1 - 2 * c) * step
@@ -273,6 +278,7 @@ def pass_states_kernel(
             tl.store(dots + k, tl.sum(S * w.to(ACC), 0))
         S = decay * S + new
         new, ahead, later, at = ahead, later, last, at + step  # loaded 3 steps early
+        d_new, d_ahead, d_later = d_ahead, d_later, d_last
     tl.store(final + pid * pn + offs, S, mask=ok)
 # fmt: on
 
@@ -313,39 +319,38 @@ def pass_states(
 def head_outputs(
     X, B, C, dt, states, cums, rows, pid_l, offs_l, offs_p, offs_n, lo_at,
     sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
-    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
-    ROW_DT: tl.constexpr,
+    ROW_DT: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """One head's rows `offs_l` of `Y`, tile `offs_p`, pointers at its chunk's start;
     and of those, what the rows read from the state entering the chunk (step 4)."""
     ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
     hi_l = tl.load(cums + offs_l, mask=ok_l, other=0.0)
-    lo_l = tl.load(cums + lo_at + offs_l, mask=ok_l, other=0.0)
+    lo_l = tl.zeros((BLOCK_L,), ACC)
+    if PAIRS:  # the low parts: for float32 and float64 inputs (see the text)
+        lo_l = tl.load(cums + lo_at + offs_l, mask=ok_l, other=0.0)
     Cl = tl.load(C + offs_l[:, None] * sc_l + offs_n[None, :] * sc_n,
                  mask=ok_l[:, None] & ok_n[None, :], other=0.0)
-    # 4. exp(A_0 + ... + A_t) C_t S^T: what row t reads from the state entering
-    S = tl.load(states + offs_n[:, None] + offs_p[None, :] * n,
-                mask=ok_n[:, None] & ok_p[None, :], other=0.0)
-    acc = tl.dot(Cl.to(DOT), S.to(Cl.dtype).to(DOT), input_precision=PRECISION,
-                 out_dtype=ACC) * tl.exp(hi_l + lo_l)[:, None]
     if ROW_DT:  # dt scales the rows t (the backward pass's), not the columns s
         dt_l = tl.load(dt + offs_l * sd_l, mask=ok_l, other=0.0).to(ACC)[:, None]
-        acc *= dt_l
-    start = acc
+    acc = tl.zeros((BLOCK_L, BLOCK_P), ACC)
     diag = tl.zeros((BLOCK_L,), ACC)  # M_tt, a row's largest term: kept in float32
     # 1. (L * C B^T) X over the columns s <= t, a block of columns at a time
     for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, rows), BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         ok_s = offs_s < rows
         hi_s = tl.load(cums + offs_s, mask=ok_s, other=0.0)
-        lo_s = tl.load(cums + lo_at + offs_s, mask=ok_s, other=0.0)
         Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
                      mask=ok_s[:, None] & ok_n[None, :], other=0.0)
         CB = tl.dot(Cl.to(DOT), tl.trans(Bs).to(DOT), input_precision=PRECISION,
                     out_dtype=ACC)  # recomputed for each head of the group
         keep = (offs_l[:, None] >= offs_s[None, :]) & ok_l[:, None] & ok_s[None, :]
-        sums = (hi_l[:, None] - hi_s[None, :]) + (lo_l[:, None] - lo_s[None, :])
+        sums = hi_l[:, None] - hi_s[None, :]
+        if PAIRS:  # hi and lo apart: hi_t + lo_t would round lo_t away
+            lo_s = tl.load(cums + lo_at + offs_s, mask=ok_s, other=0.0)
+            sums += lo_l[:, None] - lo_s[None, :]
         M = CB * tl.exp(tl.where(keep, sums, -float("inf")))  # L, in registers
         if HAS_DT:
             M *= tl.load(dt + offs_s * sd_l, mask=ok_s, other=0.0).to(ACC)[None, :]
@@ -360,7 +365,15 @@ def head_outputs(
                       out_dtype=ACC)
     Xl = tl.load(X + offs_l[:, None] * sx_l + offs_p[None, :] * sx_p,
                  mask=ok_l[:, None] & ok_p[None, :], other=0.0)
-    return acc + diag[:, None] * Xl.to(ACC), start
+    # 4. exp(A_0 + ... + A_t) C_t S^T: what row t reads from the state entering, after
+    # the loop, so that its tiles and the loop's need not be in shared memory together
+    S = tl.load(states + offs_n[:, None] + offs_p[None, :] * n,
+                mask=ok_n[:, None] & ok_p[None, :], other=0.0)
+    start = tl.dot(Cl.to(DOT), S.to(Cl.dtype).to(DOT), input_precision=PRECISION,
+                   out_dtype=ACC) * tl.exp(hi_l + lo_l)[:, None]
+    if ROW_DT:
+        start *= dt_l
+    return acc + start + diag[:, None] * Xl.to(ACC), start
 # fmt: on
 
 
@@ -377,6 +390,7 @@ def chunk_outputs_kernel(
     BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, HAS_DT: tl.constexpr, ROW_DT: tl.constexpr,
     STORE_Y: tl.constexpr, HAS_W: tl.constexpr, STATE_DOTS: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     "Steps 4 and 1 for rows `offs_l` of one chunk `c` of one head, a tile of `p`."
     pid, pid_l, pid_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -394,7 +408,7 @@ def chunk_outputs_kernel(
         cums + (bi * h + hh) * n_chunks * Q + c * Q,
         rows, pid_l, offs_l, offs_p, offs_n, lo_at,
         sx_l, sx_p, sb_l, sb_n, sc_l, sc_n, sd_l, p, n,
-        BLOCK_L, BLOCK_S, ACC, DOT, PRECISION, HAS_DT, ROW_DT,
+        BLOCK_L, BLOCK_S, BLOCK_P, ACC, DOT, PRECISION, HAS_DT, ROW_DT, PAIRS,
     )
     ok = (offs_l < rows)[:, None] & (offs_p < p)[None, :]
     at = c * Q + offs_l[:, None]  # the rows' tokens
@@ -453,7 +467,7 @@ def chunk_outputs(
         *so, BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
         BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_rows,
         ROW_DT=dt is not None and dt_rows, STORE_Y=store, HAS_W=W is not None,
-        STATE_DOTS=state_dots,
+        STATE_DOTS=state_dots, PAIRS=X.dtype in (torch.float32, torch.float64),
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
     return Y if W is None else (Y if store else None, dots.sum(1))
