@@ -261,15 +261,10 @@ def pass_states_kernel(
                     other=0.0)
     later = tl.load(states + at + 2 * step,
                     mask=offs < pn * tl.minimum(n_chunks - 2, 1), other=0.0)
-    totals += pid * n_chunks  # the chunks' log-decays, also loaded 3 steps early
-    d_new = tl.load(totals)
-    d_ahead = tl.load(totals + 1, mask=n_chunks > 1, other=0.0)
-    d_later = tl.load(totals + 2, mask=n_chunks > 2, other=0.0)
     for c in range(n_chunks):  # the state stays in registers from chunk to chunk
         more = tl.minimum(n_chunks - 3 - c, 1)  # 1 while chunk c + 3 exists, else <= 0
         last = tl.load(states + at + 3 * step, mask=offs < pn * more, other=0.0)
-        d_last = tl.load(totals + c + 3, mask=c + 3 < n_chunks, other=0.0)
-        decay = tl.exp(d_new)
+        decay = tl.exp(tl.load(totals + pid * n_chunks + c))
         tl.store(entering + at, S.to(entering.dtype.element_ty), mask=ok)
         if HAS_PARTNER:  # the backward pass's: S . the state entering n_chunks - 1 - c
             there = at + (n_chunks - 1 - 2 * c) * step
@@ -278,7 +273,6 @@ def pass_states_kernel(
             tl.store(dots + k, tl.sum(S * w.to(ACC), 0))
         S = decay * S + new
         new, ahead, later, at = ahead, later, last, at + step  # loaded 3 steps early
-        d_new, d_ahead, d_later = d_ahead, d_later, d_last
     tl.store(final + pid * pn + offs, S, mask=ok)
 # fmt: on
 
@@ -444,6 +438,7 @@ def chunk_outputs(
     cols: int = 32,
     warps: int = 4,
     stages: int = 3,
+    pairs: bool | None = None,
 ):
     """Kernel 3: `Y: (b, l, h, p)` from the inputs and the states entering each chunk,
     in `out_dtype` (default: `X`'s); `reverse`: read and written last token first.
@@ -453,6 +448,7 @@ def chunk_outputs(
     `state_dots`: and those of the state's part of `Y` alone (step 4), `(2, b, h, l)`.
     `dt_rows`: `dt` scales the rows of `M`, not the columns."""
     (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
+    pairs = X.dtype in (torch.float32, torch.float64) if pairs is None else pairs
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
     dots = sums.new_empty(1 + state_dots, triton.cdiv(p, BLOCK_P), b, h, l)
     Y = X.new_empty(b, l, h, p, dtype=out_dtype or X.dtype) if store else dots
@@ -467,7 +463,7 @@ def chunk_outputs(
         *so, BLOCK_L=BLOCK_L, BLOCK_S=tile(Q, min(cols, block)), BLOCK_P=BLOCK_P,
         BLOCK_N=tile(n, 256), HAS_DT=dt is not None and not dt_rows,
         ROW_DT=dt is not None and dt_rows, STORE_Y=store, HAS_W=W is not None,
-        STATE_DOTS=state_dots, PAIRS=X.dtype in (torch.float32, torch.float64),
+        STATE_DOTS=state_dots, PAIRS=pairs,
         num_warps=warps, num_stages=stages, **dot_types(X.dtype),
     )  # fmt: skip
     return Y if W is None else (Y if store else None, dots.sum(1))
@@ -723,7 +719,11 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
     states, sums, totals = chunk_states(X, A, B, Q, dt)
     entering, _ = pass_states(states, totals, s0, X.dtype)
     del states
-    received = chunk_outputs(X, B, C, entering, sums, Q, dt, wide, W=dY, store=False)
+    # both runs of kernel 3 read the running sums as pairs hi + lo, for every type: they
+    # then round the same M_ts, whose roundings cancel in dA's difference
+    received = chunk_outputs(
+        X, B, C, entering, sums, Q, dt, wide, W=dY, store=False, pairs=True
+    )
     # dX_s = sum_{t >= s} decay (B_s . C_t) dY_t: the SSD backward in time with B and C
     # swapped, with x . dx over p, of all of Y and of the state's part (what leaves the
     # chunk); kernel 2 takes dS . S for each chunk (what crosses it whole), for dA
@@ -743,6 +743,7 @@ def ssd_backward(X, A, B, C, Q, s0, dt, dY, dfinal) -> tuple:
         W=X,
         dt_rows=True,
         state_dots=True,
+        pairs=True,
     )
     ds0 = ds0 * torch.exp(A[:, 0])[..., None, None]  # the first decay, once more
     dCB = scores_grad(dY, X, dt, sums, Q, g)  # kernel 4
