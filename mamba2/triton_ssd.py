@@ -323,7 +323,7 @@ def head_outputs(
     ok_l, ok_p, ok_n = offs_l < rows, offs_p < p, offs_n < n
     hi_l = tl.load(cums + offs_l, mask=ok_l, other=0.0)
     lo_l = tl.zeros((BLOCK_L,), ACC)
-    if PAIRS:  # the low parts: for float32 and float64 inputs (see the text)
+    if PAIRS:  # the low parts, where the launcher asks for them (see the text)
         lo_l = tl.load(cums + lo_at + offs_l, mask=ok_l, other=0.0)
     Cl = tl.load(C + offs_l[:, None] * sc_l + offs_n[None, :] * sc_n,
                  mask=ok_l[:, None] & ok_n[None, :], other=0.0)
@@ -446,7 +446,8 @@ def chunk_outputs(
     For the backward pass: with `W` shaped as `Y`, also `Y`'s dot products with it over
     `p`, `(1, b, h, l)` in float32, returned as `(Y, dots)` (`Y` None unless `store`);
     `state_dots`: and those of the state's part of `Y` alone (step 4), `(2, b, h, l)`.
-    `dt_rows`: `dt` scales the rows of `M`, not the columns."""
+    `dt_rows`: `dt` scales the rows of `M`, not the columns. `pairs`: read the running
+    sums as pairs hi + lo (default: for float32 and float64 inputs only)."""
     (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
     pairs = X.dtype in (torch.float32, torch.float64) if pairs is None else pairs
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)

@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -28,18 +29,19 @@ from mamba2 import triton_ssd as k  # noqa: E402
 
 b, l, h, p, n, Q = 8, 4096, 24, 64, 128, 256
 SIZES = dict(l=l, h=h, r=h, p=p, n=n, Q=Q, n_chunks=l // Q, lo_at=b * h * l, pn=p * n)
-# contiguous (b, l, h, p), (b, l, g, n) and (b, l, h); the dots' (k, t, b, h, l)
+# each tensor the kernels read through strides: its axes and shape, contiguous (the dots'
+# are kernel 3's backward output, (k, t, b, h, l))
+LAYOUTS = {
+    "x y w": ("blhp", (b, l, h, p)),
+    "b c": ("blgn", (b, l, 1, n)),
+    "a d": ("blh", (b, l, h)),
+    "o": ("ktbhl", (2, 1, b, h, l)),
+}
 STRIDES = {
-    **dict(zip(("sx_b", "sx_l", "sx_h", "sx_p"), (l * h * p, h * p, p, 1))),
-    **dict(zip(("sy_b", "sy_l", "sy_h", "sy_p"), (l * h * p, h * p, p, 1))),
-    **dict(zip(("sw_b", "sw_l", "sw_h", "sw_p"), (l * h * p, h * p, p, 1))),
-    **dict(zip(("sb_b", "sb_l", "sb_g", "sb_n"), (l * n, n, n, 1))),
-    **dict(zip(("sc_b", "sc_l", "sc_g", "sc_n"), (l * n, n, n, 1))),
-    **dict(zip(("sa_b", "sa_l", "sa_h"), (l * h, h, 1))),
-    **dict(zip(("sd_b", "sd_l", "sd_h"), (l * h, h, 1))),
-    **dict(
-        zip(("so_k", "so_t", "so_b", "so_h", "so_l"), (b * h * l,) * 2 + (h * l, l, 1))
-    ),
+    f"s{t}_{axis}": stride
+    for names, (axes, shape) in LAYOUTS.items()
+    for t in names.split()
+    for axis, stride in zip(axes, torch.empty(shape, device="meta").stride())
 }
 HALF = ("X", "B", "C", "Y", "W", "entering")  # bfloat16; the other pointers float32
 
