@@ -7,6 +7,7 @@ __all__ = [
     "OPS",
     "round_like_a_gpu",
     "loop_bounds_from_tensors",
+    "decayed_inputs",
     "chunk_states_kernel",
     "dot_types",
     "tile",
@@ -110,6 +111,25 @@ if INTERPRETED:
 # %% ../book/09_kernels.ipynb #e8ee16bd
 # fmt: off
 @triton.jit
+def decayed_inputs(X, A, B, dt, s0, rows, run, offs_p, offs_n, p, n,
+                   sx_l, sx_p, sa_l, sb_l, sb_n, sd_l,
+                   BLOCK_S: tl.constexpr, ACC: tl.constexpr, HAS_DT: tl.constexpr):
+    """Tokens `s0` on of a chunk: `X_s` decayed to the chunk's end, in float32, and
+    `B_s`; `run` is A_s + ... + A_end at `s0`, and is returned at the next block."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    ok = offs_s < rows
+    a = tl.load(A + offs_s * sa_l, mask=ok, other=0.0).to(tl.float64)
+    to_end = tl.where(ok, tl.exp((run - tl.cumsum(a, 0)).to(ACC)), 0.0)
+    if HAS_DT:  # X = x dt, discretised here in float32
+        to_end *= tl.load(dt + offs_s * sd_l, mask=ok, other=0.0).to(ACC)
+    x = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
+                mask=ok[:, None] & (offs_p[None, :] < p), other=0.0)
+    Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
+                 mask=ok[:, None] & (offs_n[None, :] < n), other=0.0)
+    return x.to(ACC) * to_end[:, None], Bs, run - tl.sum(a, 0)
+
+
+@triton.jit
 def chunk_states_kernel(
     X, A, B, dt, states, cums, totals,  # pointers (dt: a multiplier of X, or unused)
     l, h, r, p, n, Q, n_chunks, lo_at,  # sizes (r heads share a row of B)
@@ -117,10 +137,12 @@ def chunk_states_kernel(
     sd_b, sd_l, sd_h,
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
+    SPLIT_LAST: tl.constexpr,
 ):
     "Step 2 for one chunk `c` of one head `hh`, rows `offs_p` of its state."
     pid, pid_p = tl.program_id(0), tl.program_id(1)
-    bi, c, hh = pid // (n_chunks * h), (pid // h) % n_chunks, pid % h
+    bi, hh = pid // (n_chunks * h), pid % h
+    c = n_chunks - 1 - (pid // h) % n_chunks  # the last chunk first (see the text)
     X += bi * sx_b + c * Q * sx_l + hh * sx_h
     A += bi * sa_b + c * Q * sa_l + hh * sa_h
     dt += bi * sd_b + c * Q * sd_l + hh * sd_h
@@ -148,20 +170,22 @@ def chunk_states_kernel(
     S = tl.zeros((BLOCK_P, BLOCK_N), ACC)
     run = total  # A_s + ... + A_end, down from the total
     for s0 in range(0, rows, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        ok = offs_s < rows
-        a = tl.load(A + offs_s * sa_l, mask=ok, other=0.0).to(tl.float64)
-        to_end = tl.where(ok, tl.exp((run - tl.cumsum(a, 0)).to(ACC)), 0.0)
-        run -= tl.sum(a, 0)
-        if HAS_DT:  # X = x dt, discretised here in float32
-            to_end *= tl.load(dt + offs_s * sd_l, mask=ok, other=0.0).to(ACC)
-        x = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
-                    mask=ok[:, None] & (offs_p[None, :] < p), other=0.0)
-        Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
-                     mask=ok[:, None] & (offs_n[None, :] < n), other=0.0)
-        Xd = (x.to(ACC) * to_end[:, None]).to(x.dtype)  # decayed to the chunk's end
+        Xf, Bs, run = decayed_inputs(X, A, B, dt, s0, rows, run, offs_p, offs_n, p, n,
+                                     sx_l, sx_p, sa_l, sb_l, sb_n, sd_l,
+                                     BLOCK_S, ACC, HAS_DT)
+        Xd = Xf.to(X.dtype.element_ty)  # rounded to the input's type for the dot
         S += tl.dot(tl.trans(Xd).to(DOT), Bs.to(DOT), input_precision=PRECISION,
                     out_dtype=ACC)
+    if SPLIT_LAST:  # the final state's chunk: add what that rounding cut off
+        if c == n_chunks - 1:
+            run = total
+            for s0 in range(0, rows, BLOCK_S):
+                Xf, Bs, run = decayed_inputs(X, A, B, dt, s0, rows, run, offs_p,
+                                             offs_n, p, n, sx_l, sx_p, sa_l, sb_l,
+                                             sb_n, sd_l, BLOCK_S, ACC, HAS_DT)
+                Xr = (Xf - Xf.to(X.dtype.element_ty).to(ACC)).to(X.dtype.element_ty)
+                S += tl.dot(tl.trans(Xr).to(DOT), Bs.to(DOT),
+                            input_precision=PRECISION, out_dtype=ACC)
     states += ((bi * n_chunks + c) * h + hh) * p * n
     tl.store(states + offs_p[:, None] * n + offs_n[None, :], S,
              mask=(offs_p[:, None] < p) & (offs_n[None, :] < n))
@@ -210,6 +234,7 @@ def chunk_states(
     block: int = 64,
     warps: int = 2,
     stages: int = 2,
+    split_last: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel 1 on `X: (b, l, h, p)`, `A: (b, l, h)`, `B: (b, l, g, n)`, chunks of `Q`
     (with `dt: (b, l, h)`, the inputs are `X dt`).
@@ -217,7 +242,8 @@ def chunk_states(
 
     Returns each chunk's state from a zero start `(b, c, h, p, n)`, the running sums of
     `A` within each chunk as pairs hi + lo `(2, b, h, c * Q)` and each chunk's total
-    `(b, h, c)`."""
+    `(b, h, c)`. `split_last`: the last chunk's products in two parts (default: for
+    bfloat16 and float16 inputs)."""
     (b, l, h, p), (g, n) = X.shape, B.shape[2:]
     c, acc = max(1, -(-l // Q)), torch.promote_types(X.dtype, torch.float32)
     states = X.new_empty(b, c, h, p, n, dtype=acc)
@@ -234,6 +260,8 @@ def chunk_states(
         sums[1].numel(), *sx, *A.stride(), *sb, *sd,
         BLOCK_S=tile(Q, block), BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
         HAS_DT=dt is not None, num_warps=warps, num_stages=stages,
+        SPLIT_LAST=X.dtype in (torch.bfloat16, torch.float16) if split_last is None
+        else split_last,
         **dot_types(X.dtype),
     )  # fmt: skip
     return states, sums, totals

@@ -84,7 +84,9 @@ def main():
         ap.add_argument(f"--{knob}", type=int, default=default)
     args = ap.parse_args()
     types = dict(ACC=tl.float32, DOT=tl.bfloat16, PRECISION="tf32")
-    states = dict(BLOCK_S=64, BLOCK_P=64, BLOCK_N=128, HAS_DT=True, **types)
+    states = dict(
+        BLOCK_S=64, BLOCK_P=64, BLOCK_N=128, HAS_DT=True, SPLIT_LAST=True, **types
+    )
     print("kernel 1, blocks of 64, 2 warps, 2 stages:", end=" ")
     print(resources(k.chunk_states_kernel, states, 2, 2))
     outputs = dict(
