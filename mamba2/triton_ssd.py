@@ -114,8 +114,8 @@ if INTERPRETED:
 def decayed_inputs(X, A, B, dt, s0, rows, run, offs_p, offs_n, p, n,
                    sx_l, sx_p, sa_l, sb_l, sb_n, sd_l,
                    BLOCK_S: tl.constexpr, ACC: tl.constexpr, HAS_DT: tl.constexpr):
-    """Tokens `s0` on of a chunk: `X_s` decayed to the chunk's end, in float32, and
-    `B_s`; `run` is A_s + ... + A_end at `s0`, and is returned at the next block."""
+    """The block of tokens from `s0`: `X_s` decayed to the chunk's end, in float32,
+    and `B_s`; `run`, A_s + ... + A_end at `s0`, comes back at the next block's start."""
     offs_s = s0 + tl.arange(0, BLOCK_S)
     ok = offs_s < rows
     a = tl.load(A + offs_s * sa_l, mask=ok, other=0.0).to(tl.float64)
@@ -255,14 +255,14 @@ def chunk_states(
         in_time(t, reverse) for t in (X, B, A if dt is None else dt)
     )  # without dt, A is a placeholder
     BLOCK_P = tile(p)
+    if split_last is None:
+        split_last = X.dtype in (torch.bfloat16, torch.float16)
     chunk_states_kernel[(b * c * h, triton.cdiv(p, BLOCK_P))](
         X, A, B, d, states, sums, totals, l, h, h // g, p, n, Q, c,
         sums[1].numel(), *sx, *A.stride(), *sb, *sd,
         BLOCK_S=tile(Q, block), BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
         HAS_DT=dt is not None, num_warps=warps, num_stages=stages,
-        SPLIT_LAST=X.dtype in (torch.bfloat16, torch.float16) if split_last is None
-        else split_last,
-        **dot_types(X.dtype),
+        SPLIT_LAST=split_last, **dot_types(X.dtype),
     )  # fmt: skip
     return states, sums, totals
 
