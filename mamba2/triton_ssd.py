@@ -115,7 +115,7 @@ def decayed_inputs(X, A, B, dt, s0, rows, run, offs_p, offs_n, p, n,
                    sx_l, sx_p, sa_l, sb_l, sb_n, sd_l,
                    BLOCK_S: tl.constexpr, ACC: tl.constexpr, HAS_DT: tl.constexpr):
     """The block of tokens from `s0`: `X_s` decayed to the chunk's end, in float32,
-    and `B_s`; `run`, A_s + ... + A_end at `s0`, comes back at the next block's start."""
+    and `B_s`; `run`, A_s + ... + A_end at `s0`, comes back at the next block's."""
     offs_s = s0 + tl.arange(0, BLOCK_S)
     ok = offs_s < rows
     a = tl.load(A + offs_s * sa_l, mask=ok, other=0.0).to(tl.float64)
