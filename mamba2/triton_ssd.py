@@ -9,6 +9,7 @@ __all__ = [
     "loop_bounds_from_tensors",
     "decayed_inputs",
     "chunk_states_kernel",
+    "ieee_type",
     "dot_types",
     "tile",
     "in_time",
@@ -193,6 +194,13 @@ def chunk_states_kernel(
 
 
 # %% ../book/09_kernels.ipynb #97133d7a
+def ieee_type(dtype: torch.dtype) -> bool:
+    """float32 or float64 inputs: their products run in full precision (no TF32), and
+    kernels 1 and 3 need no split products or pairs to keep the digits that bfloat16 and
+    float16 would round away anyway (see the text at each)."""
+    return dtype in (torch.float32, torch.float64)
+
+
 def dot_types(dtype: torch.dtype) -> dict:
     """The accumulator, the dot products' operand type and their precision.
 
@@ -203,8 +211,7 @@ def dot_types(dtype: torch.dtype) -> dict:
     dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, acc)
     if INTERPRETED and dot == tl.bfloat16:
         dot = tl.float32
-    wide = dtype in (torch.float32, torch.float64)  # no TF32 for float32 inputs
-    return dict(ACC=acc, DOT=dot, PRECISION="ieee" if wide else "tf32")
+    return dict(ACC=acc, DOT=dot, PRECISION="ieee" if ieee_type(dtype) else "tf32")
 
 
 def tile(size: int, most: int = 64) -> int:
@@ -256,7 +263,7 @@ def chunk_states(
     )  # without dt, A is a placeholder
     BLOCK_P = tile(p)
     if split_last is None:
-        split_last = X.dtype in (torch.bfloat16, torch.float16)
+        split_last = not ieee_type(X.dtype)
     chunk_states_kernel[(b * c * h, triton.cdiv(p, BLOCK_P))](
         X, A, B, d, states, sums, totals, l, h, h // g, p, n, Q, c,
         sums[1].numel(), *sx, *A.stride(), *sb, *sd,
@@ -477,7 +484,7 @@ def chunk_outputs(
     `dt_rows`: `dt` scales the rows of `M`, not the columns. `pairs`: read the running
     sums as pairs hi + lo (default: for float32 and float64 inputs only)."""
     (b, l, h, p), (g, n), c = X.shape, B.shape[2:], entering.shape[1]
-    pairs = X.dtype in (torch.float32, torch.float64) if pairs is None else pairs
+    pairs = ieee_type(X.dtype) if pairs is None else pairs
     BLOCK_L, BLOCK_P = tile(Q, block), tile(p)
     dots = sums.new_empty(1 + state_dots, triton.cdiv(p, BLOCK_P), b, h, l)
     Y = X.new_empty(b, l, h, p, dtype=out_dtype or X.dtype) if store else dots
