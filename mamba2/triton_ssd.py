@@ -7,12 +7,15 @@ __all__ = [
     "OPS",
     "round_like_a_gpu",
     "loop_bounds_from_tensors",
+    "log_decays",
+    "chunk_sums_kernel",
     "decayed_inputs",
     "chunk_states_kernel",
     "ieee_type",
     "dot_types",
     "tile",
     "in_time",
+    "chunk_sums",
     "chunk_states",
     "pass_states_kernel",
     "pass_states",
@@ -109,35 +112,77 @@ if INTERPRETED:
     loop_bounds_from_tensors()
 
 
+# %% ../book/09_kernels.ipynb #c5a0d1e2
+# fmt: off
+@triton.jit
+def log_decays(A, s0, rows, offs_h, h, sa_l, sa_h, BLOCK_S: tl.constexpr):
+    "Tokens `s0` on of a chunk, heads `offs_h`: `A` in float64, and where it exists."
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    ok = (offs_s < rows)[:, None] & (offs_h < h)[None, :]
+    a = tl.load(A + offs_s[:, None] * sa_l + offs_h[None, :] * sa_h, mask=ok, other=0.0)
+    return a.to(tl.float64), ok, offs_s
+
+
+@triton.jit
+def chunk_sums_kernel(
+    A, dt, sums, totals, to_end,  # pointers (dt: a multiplier of X, or unused)
+    l, h, Q, n_chunks, lo_at,  # sizes
+    sa_b, sa_l, sa_h, sd_b, sd_l, sd_h,  # strides
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr,
+    HAS_DT: tl.constexpr,
+):
+    "The running sums of chunk `c` of sequence `bi`, heads `offs_h`, and the decays."
+    pid, pid_h = tl.program_id(0), tl.program_id(1)
+    bi, c = pid // n_chunks, pid % n_chunks
+    A += bi * sa_b + c * Q * sa_l
+    dt += bi * sd_b + c * Q * sd_l
+    rows = tl.minimum(Q, l - c * Q)  # tokens in this chunk
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    at = (bi * h + offs_h)[None, :] * n_chunks * Q + c * Q  # each head's row of chunks
+    total = tl.zeros((BLOCK_H,), tl.float64)  # A_0 + ... + A_end
+    for s0 in range(0, rows, BLOCK_S):
+        total += tl.sum(log_decays(A, s0, rows, offs_h, h, sa_l, sa_h, BLOCK_S)[0], 0)
+    tl.store(totals + (bi * h + offs_h) * n_chunks + c, total.to(ACC), mask=offs_h < h)
+    run = tl.zeros((BLOCK_H,), tl.float64)  # A_0 + ... + A_{s0 - 1}
+    for s0 in range(0, rows, BLOCK_S):
+        a, ok, offs_s = log_decays(A, s0, rows, offs_h, h, sa_l, sa_h, BLOCK_S)
+        sums_s = run[None, :] + tl.cumsum(a, 0)  # A_0 + ... + A_s
+        hi = sums_s.to(ACC)  # and lo: what hi rounded off
+        tl.store(sums + at + offs_s[:, None], hi, mask=ok)
+        tl.store(sums + lo_at + at + offs_s[:, None],
+                 (sums_s - hi.to(tl.float64)).to(ACC), mask=ok)
+        decay = tl.exp((total[None, :] - sums_s).to(ACC))  # A_{s+1} + ... + A_end
+        if HAS_DT:  # X = x dt: kernel 1 discretises in float32
+            decay *= tl.load(dt + offs_s[:, None] * sd_l + offs_h[None, :] * sd_h,
+                             mask=ok, other=0.0).to(ACC)
+        tl.store(to_end + at + offs_s[:, None], decay, mask=ok)
+        run += tl.sum(a, 0)
+# fmt: on
+
+
 # %% ../book/09_kernels.ipynb #e8ee16bd
 # fmt: off
 @triton.jit
-def decayed_inputs(X, A, B, dt, s0, rows, run, offs_p, offs_n, p, n,
-                   sx_l, sx_p, sa_l, sb_l, sb_n, sd_l,
-                   BLOCK_S: tl.constexpr, ACC: tl.constexpr, HAS_DT: tl.constexpr):
-    """The block of tokens from `s0`: `X_s` decayed to the chunk's end, in float32,
-    and `B_s`; `run`, A_s + ... + A_end at `s0`, comes back at the next block's."""
+def decayed_inputs(X, B, to_end, s0, rows, offs_p, offs_n, p, n, sx_l, sx_p, sb_l,
+                   sb_n, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    "The block of tokens from `s0`: `X_s` decayed to the chunk's end, in float32; `B_s`."
     offs_s = s0 + tl.arange(0, BLOCK_S)
     ok = offs_s < rows
-    a = tl.load(A + offs_s * sa_l, mask=ok, other=0.0).to(tl.float64)
-    to_end = tl.where(ok, tl.exp((run - tl.cumsum(a, 0)).to(ACC)), 0.0)
-    if HAS_DT:  # X = x dt, discretised here in float32
-        to_end *= tl.load(dt + offs_s * sd_l, mask=ok, other=0.0).to(ACC)
+    decay = tl.load(to_end + offs_s, mask=ok, other=0.0)
     x = tl.load(X + offs_s[:, None] * sx_l + offs_p[None, :] * sx_p,
                 mask=ok[:, None] & (offs_p[None, :] < p), other=0.0)
     Bs = tl.load(B + offs_s[:, None] * sb_l + offs_n[None, :] * sb_n,
                  mask=ok[:, None] & (offs_n[None, :] < n), other=0.0)
-    return x.to(ACC) * to_end[:, None], Bs, run - tl.sum(a, 0)
+    return x.to(ACC) * decay[:, None], Bs
 
 
 @triton.jit
 def chunk_states_kernel(
-    X, A, B, dt, states, cums, totals,  # pointers (dt: a multiplier of X, or unused)
-    l, h, r, p, n, Q, n_chunks, lo_at,  # sizes (r heads share a row of B)
-    sx_b, sx_l, sx_h, sx_p, sa_b, sa_l, sa_h, sb_b, sb_l, sb_g, sb_n,  # strides
-    sd_b, sd_l, sd_h,
+    X, B, to_end, states,  # pointers
+    l, h, r, p, n, Q, n_chunks,  # sizes (r heads share a row of B)
+    sx_b, sx_l, sx_h, sx_p, sb_b, sb_l, sb_g, sb_n,  # strides
     BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_DT: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT_LAST: tl.constexpr,
 ):
     "Step 2 for one chunk `c` of one head `hh`, rows `offs_p` of its state."
@@ -145,45 +190,24 @@ def chunk_states_kernel(
     bi, hh = pid // (n_chunks * h), pid % h
     c = n_chunks - 1 - (pid // h) % n_chunks  # the last chunk first (see the text)
     X += bi * sx_b + c * Q * sx_l + hh * sx_h
-    A += bi * sa_b + c * Q * sa_l + hh * sa_h
-    dt += bi * sd_b + c * Q * sd_l + hh * sd_h
     B += bi * sb_b + c * Q * sb_l + (hh // r) * sb_g
-    cums += (bi * h + hh) * n_chunks * Q + c * Q  # the running sums' high parts
+    to_end += (bi * h + hh) * n_chunks * Q + c * Q
     rows = tl.minimum(Q, l - c * Q)  # tokens in this chunk
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    # A_0 + ... + A_s within the chunk, for kernel 3, and the chunk's total, summed
-    # in float64 and kept as float32 pairs hi + lo: differences keep their digits
-    total = tl.zeros((), tl.float64)
-    for s0 in range(0, rows, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        a = tl.load(A + offs_s * sa_l, mask=offs_s < rows, other=0.0).to(tl.float64)
-        if pid_p == 0:
-            sums = total + tl.cumsum(a, 0)
-            hi = sums.to(ACC)
-            tl.store(cums + offs_s, hi, mask=offs_s < rows)
-            tl.store(cums + lo_at + offs_s, (sums - hi.to(tl.float64)).to(ACC),
-                     mask=offs_s < rows)
-        total += tl.sum(a, 0)
-    if pid_p == 0:
-        tl.store(totals + (bi * h + hh) * n_chunks + c, total.to(ACC))
     # S = sum_s exp(A_{s+1} + ... + A_end) X_s B_s^T, a block of tokens at a time
     S = tl.zeros((BLOCK_P, BLOCK_N), ACC)
-    run = total  # A_s + ... + A_end, down from the total
     for s0 in range(0, rows, BLOCK_S):
-        Xf, Bs, run = decayed_inputs(X, A, B, dt, s0, rows, run, offs_p, offs_n, p, n,
-                                     sx_l, sx_p, sa_l, sb_l, sb_n, sd_l,
-                                     BLOCK_S, ACC, HAS_DT)
+        Xf, Bs = decayed_inputs(X, B, to_end, s0, rows, offs_p, offs_n, p, n,
+                                sx_l, sx_p, sb_l, sb_n, BLOCK_S, ACC)
         Xd = Xf.to(X.dtype.element_ty)  # rounded to the input's type for the dot
         S += tl.dot(tl.trans(Xd).to(DOT), Bs.to(DOT), input_precision=PRECISION,
                     out_dtype=ACC)
     if SPLIT_LAST:  # the final state's chunk: add what that rounding cut off
         if c == n_chunks - 1:
-            run = total
             for s0 in range(0, rows, BLOCK_S):
-                Xf, Bs, run = decayed_inputs(X, A, B, dt, s0, rows, run, offs_p,
-                                             offs_n, p, n, sx_l, sx_p, sa_l, sb_l,
-                                             sb_n, sd_l, BLOCK_S, ACC, HAS_DT)
+                Xf, Bs = decayed_inputs(X, B, to_end, s0, rows, offs_p, offs_n, p, n,
+                                        sx_l, sx_p, sb_l, sb_n, BLOCK_S, ACC)
                 Xr = (Xf - Xf.to(X.dtype.element_ty).to(ACC)).to(X.dtype.element_ty)
                 S += tl.dot(tl.trans(Xr).to(DOT), Bs.to(DOT),
                             input_precision=PRECISION, out_dtype=ACC)
@@ -230,6 +254,40 @@ def in_time(t: Tensor, reverse: bool = False, dim: int = 1) -> tuple[Tensor, lis
     return t.narrow(dim, t.shape[dim] - 1, 1), strides
 
 
+# %% ../book/09_kernels.ipynb #c5a0d1e4
+def chunk_sums(
+    A: Tensor,
+    Q: int,
+    dt: Tensor | None = None,
+    reverse: bool = False,
+    dtype: torch.dtype | None = None,
+    block: int = 128,
+    heads: int = 16,
+    warps: int = 4,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first launch of kernel 1 on `A: (b, l, h)`, chunks of `Q`; `dt: (b, l, h)`
+    is read last token first with `reverse` (`A` as given), as kernel 1 reads `X`.
+
+    Returns the running sums of `A` within each chunk as pairs hi + lo
+    `(2, b, h, c * Q)`, each chunk's total `(b, h, c)`, and each token's decay to its
+    chunk's end, times `dt`, `(b, h, c * Q)`; in `dtype` (default: float32 or wider)."""
+    b, l, h = A.shape
+    c, acc = max(1, -(-l // Q)), dtype or torch.promote_types(A.dtype, torch.float32)
+    sums, to_end = (
+        A.new_empty(2, b, h, c * Q, dtype=acc),
+        A.new_empty(b, h, c * Q, dtype=acc),
+    )
+    totals = A.new_empty(b, h, c, dtype=acc)
+    d, sd = in_time(A if dt is None else dt, reverse)  # without dt, A is a placeholder
+    BLOCK_H = min(heads, triton.next_power_of_2(h))
+    chunk_sums_kernel[(b * c, triton.cdiv(h, BLOCK_H))](
+        A, d, sums, totals, to_end, l, h, Q, c, sums[1].numel(), *A.stride(), *sd,
+        BLOCK_S=tile(Q, block), BLOCK_H=BLOCK_H, ACC=dot_types(acc)["ACC"],
+        HAS_DT=dt is not None, num_warps=warps,
+    )  # fmt: skip
+    return sums, totals, to_end
+
+
 # %% ../book/09_kernels.ipynb #62988db1
 def chunk_states(
     X: Tensor,
@@ -239,7 +297,7 @@ def chunk_states(
     dt: Tensor | None = None,
     reverse: bool = False,
     block: int = 64,
-    warps: int = 2,
+    warps: int = 4,
     stages: int = 2,
     split_last: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -247,29 +305,22 @@ def chunk_states(
     (with `dt: (b, l, h)`, the inputs are `X dt`).
     `reverse`: `X`, `B` and `dt` are read last token first (`A` as given).
 
-    Returns each chunk's state from a zero start `(b, c, h, p, n)`, the running sums of
-    `A` within each chunk as pairs hi + lo `(2, b, h, c * Q)` and each chunk's total
-    `(b, h, c)`. `split_last`: the last chunk's products in two parts (default: for
-    bfloat16 and float16 inputs)."""
+    Returns each chunk's state from a zero start `(b, c, h, p, n)`, and from
+    `chunk_sums` the running sums and the totals. `split_last`: the last chunk's
+    products in two parts (default: for bfloat16 and float16 inputs)."""
     (b, l, h, p), (g, n) = X.shape, B.shape[2:]
     c, acc = max(1, -(-l // Q)), torch.promote_types(X.dtype, torch.float32)
+    sums, totals, to_end = chunk_sums(A, Q, dt, reverse, acc)
     states = X.new_empty(b, c, h, p, n, dtype=acc)
-    sums, totals = (
-        A.new_empty(2, b, h, c * Q, dtype=acc),
-        A.new_empty(b, h, c, dtype=acc),
-    )
-    (X, sx), (B, sb), (d, sd) = (
-        in_time(t, reverse) for t in (X, B, A if dt is None else dt)
-    )  # without dt, A is a placeholder
+    (X, sx), (B, sb) = (in_time(t, reverse) for t in (X, B))
     BLOCK_P = tile(p)
     if split_last is None:
         split_last = not ieee_type(X.dtype)
     chunk_states_kernel[(b * c * h, triton.cdiv(p, BLOCK_P))](
-        X, A, B, d, states, sums, totals, l, h, h // g, p, n, Q, c,
-        sums[1].numel(), *sx, *A.stride(), *sb, *sd,
+        X, B, to_end, states, l, h, h // g, p, n, Q, c, *sx, *sb,
         BLOCK_S=tile(Q, block), BLOCK_P=BLOCK_P, BLOCK_N=tile(n, 256),
-        HAS_DT=dt is not None, num_warps=warps, num_stages=stages,
-        SPLIT_LAST=split_last, **dot_types(X.dtype),
+        num_warps=warps, num_stages=stages, SPLIT_LAST=split_last,
+        **dot_types(X.dtype),
     )  # fmt: skip
     return states, sums, totals
 

@@ -253,3 +253,27 @@ def test_a_compiled_bfloat16_block_asking_for_the_kernels_matches_the_eager_bloc
         compiled = torch.compile(block, dynamic=True, fullgraph=True)
         assert rel_err(compiled(u), block(u)) < 2e-2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunk_sums_against_float64(reverse):
+    """Kernel 1's first launch: heads in blocks (5 heads, blocks of 2: the last one cut),
+    the last chunk short, `dt` read backward in time with `reverse` (`A` as given). The
+    sums, totals and decays against float64 cumulative sums within each chunk."""
+    from mamba2.triton_ssd import chunk_sums
+
+    gen = torch.Generator().manual_seed(0)
+    b, l, h, Q = 2, 37, 5, 16
+    A = -torch.rand(b, l, h, generator=gen, dtype=torch.float64) * 8
+    dt = torch.rand(b, l, h, generator=gen, dtype=torch.float64)
+    A, dt = A.float().to(KERNELS_DEVICE), dt.float().to(KERNELS_DEVICE)
+    sums, totals, to_end = chunk_sums(A, Q, dt, reverse, block=16, heads=2)
+    a = torch.nn.functional.pad(A.double(), (0, 0, 0, 48 - l)).unflatten(1, (3, Q))
+    running = a.cumsum(2)  # (b, c, Q, h), from each chunk's start
+    tail = a.sum(2, keepdim=True) - running  # A_{s+1} + ... + A_end
+    d = (dt.flip(1) if reverse else dt).double()
+    expected = (tail.exp().flatten(1, 2)[:, :l] * d).mT  # (b, h, l)
+    hi_lo = (sums[0] + sums[1].double())[..., :l]
+    assert torch.allclose(hi_lo, running.flatten(1, 2)[:, :l].mT, rtol=0, atol=1e-12)
+    assert torch.allclose(totals.double(), a.sum(2).mT, rtol=1e-6)
+    assert rel_err(to_end[..., :l], expected) < 1e-6  # float32 exp of float64 sums

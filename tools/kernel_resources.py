@@ -84,11 +84,12 @@ def main():
         ap.add_argument(f"--{knob}", type=int, default=default)
     args = ap.parse_args()
     types = dict(ACC=tl.float32, DOT=tl.bfloat16, PRECISION="tf32")
-    states = dict(
-        BLOCK_S=64, BLOCK_P=64, BLOCK_N=128, HAS_DT=True, SPLIT_LAST=True, **types
-    )
-    print("kernel 1, blocks of 64, 2 warps, 2 stages:", end=" ")
-    print(resources(k.chunk_states_kernel, states, 2, 2))
+    sums = dict(BLOCK_S=128, BLOCK_H=16, ACC=tl.float32, HAS_DT=True)
+    print("kernel 1's running sums, 128 tokens by 16 heads, 4 warps:", end=" ")
+    print(resources(k.chunk_sums_kernel, sums, 4, 1))
+    states = dict(BLOCK_S=64, BLOCK_P=64, BLOCK_N=128, SPLIT_LAST=True, **types)
+    print("kernel 1's states, blocks of 64, 4 warps, 2 stages:", end=" ")
+    print(resources(k.chunk_states_kernel, states, 4, 2))
     outputs = dict(
         BLOCK_L=args.block, BLOCK_S=args.cols, BLOCK_P=64, BLOCK_N=128, HAS_DT=True,
         ROW_DT=False, STORE_Y=True, HAS_W=False, STATE_DOTS=False, PAIRS=False, **types,
