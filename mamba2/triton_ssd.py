@@ -165,7 +165,7 @@ def chunk_sums_kernel(
 @triton.jit
 def decayed_inputs(X, B, to_end, s0, rows, offs_p, offs_n, p, n, sx_l, sx_p, sb_l,
                    sb_n, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    "The block of tokens from `s0`: `X_s` decayed to the chunk's end, in float32; `B_s`."
+    "Tokens `s0` on: `X_s` decayed to the chunk's end, in float32, and `B_s`."
     offs_s = s0 + tl.arange(0, BLOCK_S)
     ok = offs_s < rows
     decay = tl.load(to_end + offs_s, mask=ok, other=0.0)
