@@ -5,6 +5,7 @@ __all__ = [
     "INTERPRETED",
     "FLOAT64_DOTS",
     "OPS",
+    "OFFSETS",
     "round_like_a_gpu",
     "loop_bounds_from_tensors",
     "log_decays",
@@ -33,6 +34,7 @@ __all__ = [
     "ssd_forward_op",
     "ssd_backward_op",
     "SSDKernels",
+    "sequences_per_launch",
     "ssd_triton",
 ]
 
@@ -916,6 +918,30 @@ class SSDKernels(torch.autograd.Function):
         return dX, dA, dB, dC, None, given(ds0, s0), given(ddt, dt)
 
 
+# %% ../book/09_kernels.ipynb #f0e1d2c3
+OFFSETS = 2**31 - 1  # the kernels' element offsets are 32-bit integers
+
+
+def sequences_per_launch(tensors: list, L: int, h: int, p: int, g: int, n: int, Q: int):
+    """How many sequences one run of the kernels takes with every offset within
+    `OFFSETS`: in each of `tensors` (batch first, any strides; None skipped) and in the
+    buffers made for `L` tokens a sequence (whole chunks of `Q`)."""
+    tiles = -(-p // 64)  # kernel 3's tiles of p: its dot products, (2, tiles, b, h, L)
+    made = L * max(h * p * n // Q + 1, g * Q, h * p, g * n, 2 * h * tiles)
+    most = [OFFSETS // made]
+    for t in (t for t in tensors if t is not None and t.shape[0] > 0 and t.stride(0)):
+        inner = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+        most.append((OFFSETS - inner) // abs(t.stride(0)) + 1)
+    if min(most) < 1:
+        raise ValueError(
+            f"ssd_triton: one sequence of {L} tokens (h={h}, p={p}, g={g}, n={n}) "
+            f"needs offsets past {OFFSETS:,} elements, the kernels' 32-bit limit; "
+            f"use impl='fast', or split the sequence and carry the state with "
+            f"initial_states"
+        )
+    return min(most)
+
+
 # %% ../book/09_kernels.ipynb #31149002
 def ssd_triton(
     X: Tensor,
@@ -952,6 +978,17 @@ def ssd_triton(
     if 0 in (b, l, h, p, n):  # no work for a kernel: the tuned path's empty result
         X = X if dt is None else X * dt[..., None].to(X.dtype)
         return ssd_fast(X, A, B, C, Q, initial_states)
+    k = sequences_per_launch(
+        [X, A, B, C, initial_states, dt], -(-l // Q) * Q, h, p, g, n, Q
+    )
+    if k < b:  # offsets past 32 bits: the batch in slices that fit
+        cut = lambda t, i: None if t is None else t[i : i + k]
+        parts = [
+            ssd_triton(*(cut(t, i) for t in (X, A, B, C)), Q, cut(initial_states, i),
+                       cut(dt, i))
+            for i in range(0, b, k)
+        ]  # fmt: skip
+        return tuple(torch.cat(ts) for ts in zip(*parts))
     acc = torch.promote_types(X.dtype, torch.float32)  # decays and states
     s0 = None if initial_states is None else initial_states.to(acc)
     return SSDKernels.apply(X, A.to(acc), B, C, Q, s0, dt)

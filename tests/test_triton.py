@@ -277,3 +277,29 @@ def test_chunk_sums_against_float64(reverse):
     assert torch.allclose(hi_lo, running.flatten(1, 2)[:, :l].mT, rtol=0, atol=1e-12)
     assert torch.allclose(totals.double(), a.sum(2).mT, rtol=1e-6)
     assert rel_err(to_end[..., :l], expected) < 1e-6  # float32 exp of float64 sums
+
+
+def test_a_batch_past_32_bit_offsets_runs_in_slices(monkeypatch):
+    """The kernels' offsets are 32-bit: past the limit (made small here) ssd_triton runs
+    the batch in slices, with the same outputs and gradients as one launch; a single
+    sequence past it gets a ValueError that names the limit."""
+    from mamba2 import triton_ssd
+
+    X, A, B, C, s0 = on_kernels_device(b=3, l=30, g=2, initial_states=True)
+    leaves = [t.clone().requires_grad_() for t in (X, A, B, C, s0)]
+
+    def run():
+        xs = [t.detach().clone().requires_grad_() for t in leaves]
+        Y, S = triton_ssd.ssd_triton(*xs[:4], 8, xs[4])
+        (Y.square().sum() + S.square().sum()).backward()
+        return [Y, S] + [t.grad for t in xs]
+
+    whole = run()
+    made = 32 * max(4 * 8 * 16 // 8 + 1, 2 * 8, 4 * 8, 2 * 16, 2 * 4)  # per sequence
+    monkeypatch.setattr(triton_ssd, "OFFSETS", 2 * made + 100)  # two sequences a launch
+    assert triton_ssd.sequences_per_launch([X], 32, 4, 8, 2, 16, 8) == 2
+    for got, want in zip(run(), whole):
+        assert rel_err(got, want) < 1e-12
+    monkeypatch.setattr(triton_ssd, "OFFSETS", made - 1)
+    with pytest.raises(ValueError, match="32-bit limit"):
+        triton_ssd.ssd_triton(X, A, B, C, 8, s0)
