@@ -118,7 +118,7 @@ if INTERPRETED:
 # fmt: off
 @triton.jit
 def log_decays(A, s0, rows, offs_h, h, sa_l, sa_h, BLOCK_S: tl.constexpr):
-    "Tokens `s0` on of a chunk, heads `offs_h`: `A` in float64, and where it exists."
+    "A chunk's tokens from `s0`, heads `offs_h`: `A` in float64, and where it exists."
     offs_s = s0 + tl.arange(0, BLOCK_S)
     ok = (offs_s < rows)[:, None] & (offs_h < h)[None, :]
     a = tl.load(A + offs_s[:, None] * sa_l + offs_h[None, :] * sa_h, mask=ok, other=0.0)
@@ -167,7 +167,7 @@ def chunk_sums_kernel(
 @triton.jit
 def decayed_inputs(X, B, to_end, s0, rows, offs_p, offs_n, p, n, sx_l, sx_p, sb_l,
                    sb_n, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    "Tokens `s0` on: `X_s` decayed to the chunk's end, in float32, and `B_s`."
+    "The tokens from `s0`: `X_s` decayed to the chunk's end, in float32, and `B_s`."
     offs_s = s0 + tl.arange(0, BLOCK_S)
     ok = offs_s < rows
     decay = tl.load(to_end + offs_s, mask=ok, other=0.0)
