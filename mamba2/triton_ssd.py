@@ -926,12 +926,17 @@ def sequences_per_launch(tensors: list, L: int, h: int, p: int, g: int, n: int, 
     """How many sequences one run of the kernels takes with every offset within
     `OFFSETS`: in each of `tensors` (batch first, any strides; None skipped) and in the
     buffers made for `L` tokens a sequence (whole chunks of `Q`)."""
-    tiles = -(-p // 64)  # kernel 3's tiles of p: its dot products, (2, tiles, b, h, L)
-    made = L * max(h * p * n // Q + 1, g * Q, h * p, g * n, 2 * h * tiles)
+    tiles = -(-p // 64)  # kernel 3's tiles of p
+    made = max(  # what a sequence adds to each buffer the kernels make, in elements
+        L // Q * h * p * n,  # the chunk states, (b, c, h, p, n)
+        L * h * p,  # Y and dX, (b, L, h, p)
+        L * g * max(Q, n),  # the backward's dCB, (b, c, g, Q, Q), dB and dC
+        2 * tiles * h * L,  # kernel 3's dot products, (2, tiles, b, h, L); the sums
+    )
     most = [OFFSETS // made]
-    for t in (t for t in tensors if t is not None and t.shape[0] > 0 and t.stride(0)):
+    for t in (t for t in tensors if t is not None):  # a batch stride of 0 adds nothing
         inner = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
-        most.append((OFFSETS - inner) // abs(t.stride(0)) + 1)
+        most.append((OFFSETS - inner) // (abs(t.stride(0)) or 1) + 1)
     if min(most) < 1:
         raise ValueError(
             f"ssd_triton: one sequence of {L} tokens (h={h}, p={p}, g={g}, n={n}) "
